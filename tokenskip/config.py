@@ -1,0 +1,508 @@
+"""Typed configs: defaults (dataclasses) -> YAML -> CLI overrides (``key.sub=value``).
+
+Every stage has one dataclass. An experiment YAML (``kind: pipeline``) holds one section
+per stage; a stage YAML (``kind: prune`` ...) holds just that stage's fields. Unknown keys
+are errors that name the dotted key and the file; values are validated in
+``__post_init__``. Ray-native settings (engine kwargs, scaling config, resources) are
+plain nested dicts passed through untouched.
+
+>>> cfg = load_config(PruneConfig, data={"ratios": [0.9, 0.5]}, overrides=["batch_size=4"])
+>>> cfg.ratios, cfg.batch_size
+([0.9, 0.5], 4)
+>>> load_config(PruneConfig, data={"ratio": [0.5]})
+Traceback (most recent call last):
+...
+tokenskip.config.ConfigError: <dict>: unknown key 'ratio' (valid: ...)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+DEFAULT_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
+PRUNE_RATIOS = (0.9, 0.8, 0.7, 0.6, 0.5)
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is invalid; the message names which."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def check_ratio(value: Any, where: str = "ratio") -> float:
+    """Validate a compression ratio γ in (0, 1].
+
+    >>> check_ratio(0.5)
+    0.5
+    >>> check_ratio(1.5, "ratios[0]")
+    Traceback (most recent call last):
+    ...
+    ValueError: ratios[0]: compression ratio must be in (0, 1], got 1.5
+    """
+    try:
+        r = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: compression ratio must be a number in (0, 1], got {value!r}") from None
+    if not (0.0 < r <= 1.0) or r != r:
+        raise ValueError(f"{where}: compression ratio must be in (0, 1], got {value!r}")
+    return r
+
+
+def _positive(obj: Any, *names: str, allow_none: bool = False) -> None:
+    for name in names:
+        v = getattr(obj, name)
+        if v is None and allow_none:
+            continue
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+            raise ConfigError(f"{type(obj).__name__}.{name} must be positive, got {v!r}")
+
+
+def _nonneg(obj: Any, *names: str) -> None:
+    for name in names:
+        v = getattr(obj, name)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+            raise ConfigError(f"{type(obj).__name__}.{name} must be >= 0, got {v!r}")
+
+
+def _choice(obj: Any, name: str, choices: tuple) -> None:
+    v = getattr(obj, name)
+    if v not in choices:
+        raise ConfigError(f"{type(obj).__name__}.{name} must be one of {list(choices)}, got {v!r}")
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class DataSourceConfig:
+    """Where questions come from."""
+
+    name: str = field(default="gsm8k", metadata={"help": "embedded gsm8k|math|math500, a .jsonl/.json/.parquet path, or a HF dataset id"})
+    split: str = field(default="train", metadata={"help": "split name (train/test)"})
+    subset: str | None = field(default=None, metadata={"help": "HF dataset config name (e.g. 'main' for openai/gsm8k)"})
+    kind: str | None = field(default=None, metadata={"help": "grading flavour gsm8k|math; inferred from name when unset"})
+    limit: int | None = field(default=None, metadata={"help": "keep the first N rows"})
+    offset: int = field(default=0, metadata={"help": "skip the first N rows"})
+    fields: dict = field(default_factory=dict, metadata={"help": "column renames for custom files: {question: ..., gold: ..., solution: ..., id: ...}"})
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ConfigError("data.name must not be empty")
+        _positive(self, "limit", allow_none=True)
+        _nonneg(self, "offset")
+        if self.kind is not None:
+            _choice(self, "kind", ("gsm8k", "math"))
+        bad = set(self.fields) - {"question", "gold", "solution", "id"}
+        if bad:
+            raise ConfigError(f"data.fields: unknown key(s) {sorted(bad)} (valid: question, gold, solution, id)")
+
+
+@dataclass
+class GenerateConfig:
+    """Stage 1: generate CoTs with the target model on vLLM."""
+
+    model: str = field(default="smollm2-135m-instruct", metadata={"help": "embedded model name, HF hub id or local path"})
+    data: DataSourceConfig = field(default_factory=DataSourceConfig)
+    output_dir: str | None = field(default=None, metadata={"help": "stage output directory (pipeline sets it from run_dir)"})
+    max_new_tokens: int | None = field(default=None, metadata={"help": "None: 512 for gsm8k, 1024 for math"})
+    temperature: float = 0.0
+    seed: int = 0
+    batch_size: int = field(default=16, metadata={"help": "rows per Ray Data batch sent to one engine"})
+    shard_rows: int = field(default=64, metadata={"help": "rows per committed output part (the resume granularity)"})
+    concurrency: int = field(default=1, metadata={"help": "number of vLLM engine replicas"})
+    num_gpus: float = field(default=0.0, metadata={"help": "GPUs per replica (tensor_parallel_size x pipeline size)"})
+    num_cpus: float = field(default=1.0, metadata={"help": "CPUs reserved per replica"})
+    engine_kwargs: dict = field(default_factory=dict, metadata={"help": "passed to vllm.LLM / vLLMEngineProcessorConfig as-is"})
+    backend: str = field(default="auto", metadata={"help": "auto | ray_data_llm | vllm_udf"})
+    max_prompt_tokens: int | None = field(default=None, metadata={"help": "reject prompts longer than this (None: model limit - max_new_tokens)"})
+
+    def __post_init__(self) -> None:
+        _positive(self, "batch_size", "shard_rows", "concurrency")
+        _positive(self, "max_new_tokens", "max_prompt_tokens", allow_none=True)
+        _nonneg(self, "temperature", "num_gpus", "num_cpus")
+        _choice(self, "backend", ("auto", "ray_data_llm", "vllm_udf"))
+
+
+@dataclass
+class PruneConfig:
+    """Stage 3: prune each CoT by token importance at every ratio from one scoring pass."""
+
+    input: str | None = field(default=None, metadata={"help": "JSONL/Parquet file or stage directory with id + text column"})
+    output_dir: str | None = None
+    text_field: str = field(default="cot", metadata={"help": "column holding the CoT to prune"})
+    scorer: str = field(default="self_info", metadata={"help": "llmlingua2 | self_info"})
+    scorer_model: str = field(default="smollm2-135m-instruct", metadata={"help": "token-classifier (llmlingua2) or causal LM (self_info)"})
+    target_tokenizer: str = field(default="smollm2-135m-instruct", metadata={"help": "tokenizer whose tokens measure ratios"})
+    ratios: list[float] = field(default_factory=lambda: list(PRUNE_RATIOS))
+    force_tokens: list[str] = field(default_factory=list)
+    force_reserve_digit: bool = False
+    drop_consecutive: bool = False
+    reference_quirks: bool = field(default=True, metadata={"help": "reproduce llmlingua 0.2.2 output byte for byte (see tokenskip.pruning)"})
+    model_batch_size: int = field(default=16, metadata={"help": "chunks per forward pass (length-sorted)"})
+    batch_size: int = field(default=64, metadata={"help": "rows per Ray Data batch"})
+    concurrency: int = field(default=1, metadata={"help": "actors in the pool"})
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+
+    def __post_init__(self) -> None:
+        _choice(self, "scorer", ("llmlingua2", "self_info"))
+        _positive(self, "model_batch_size", "batch_size", "concurrency")
+        _nonneg(self, "num_cpus", "num_gpus")
+        if not self.ratios:
+            raise ConfigError("prune.ratios must not be empty")
+        self.ratios = [check_ratio(r, f"prune.ratios[{i}]") for i, r in enumerate(self.ratios)]
+
+
+@dataclass
+class BuildSFTConfig:
+    """Stages 2+4: grade/filter CoTs, join the pruned versions, write the SFT set."""
+
+    generations: str | None = field(default=None, metadata={"help": "generate stage directory (cot_source=generated)"})
+    pruned: str | None = field(default=None, metadata={"help": "prune stage directory"})
+    data: DataSourceConfig = field(default_factory=DataSourceConfig, metadata={"help": "questions (cot_source=gold)"})
+    output_dir: str | None = None
+    cot_source: str = field(default="generated", metadata={"help": "generated | gold"})
+    max_cot_tokens: int = 500
+    ratios: list[float] = field(default_factory=lambda: list(DEFAULT_RATIOS))
+    ratio_sampling: str = field(default="random", metadata={"help": "random (one γ per question) | all"})
+    seed: int = 42
+    val_fraction: float = 0.05
+    format: str = field(default="parquet", metadata={"help": "parquet | jsonl"})
+    target_tokenizer: str = "smollm2-135m-instruct"
+
+    def __post_init__(self) -> None:
+        _choice(self, "cot_source", ("generated", "gold"))
+        _choice(self, "ratio_sampling", ("random", "all"))
+        _choice(self, "format", ("parquet", "jsonl"))
+        _positive(self, "max_cot_tokens")
+        if not (0.0 <= self.val_fraction < 1.0):
+            raise ConfigError(f"build_sft.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not self.ratios:
+            raise ConfigError("build_sft.ratios must not be empty")
+        self.ratios = [check_ratio(r, f"build_sft.ratios[{i}]") for i, r in enumerate(self.ratios)]
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] | str = field(default="all-linear", metadata={"help": "'all-linear' or a list of module names"})
+
+    def __post_init__(self) -> None:
+        _positive(self, "r", "alpha")
+        if not (0.0 <= self.dropout < 1.0):
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class TrainConfig:
+    """Stage 5: LoRA SFT on Ray Train (+ DeepSpeed ZeRO)."""
+
+    model: str = "smollm2-135m-instruct"
+    dataset: str | None = field(default=None, metadata={"help": "build_sft stage directory or a train file"})
+    output_dir: str | None = None
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    learning_rate: float = 5e-5
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    epochs: float = 3.0
+    max_steps: int | None = field(default=None, metadata={"help": "stop after N optimizer steps (overrides epochs)"})
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    cutoff_len: int = 2048
+    overlong: str = field(default="truncate", metadata={"help": "truncate | drop rows longer than cutoff_len"})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32"})
+    gradient_checkpointing: bool = False
+    strategy: str = field(default="ddp", metadata={"help": "ddp | deepspeed"})
+    zero_stage: int = 3
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    deepspeed: dict = field(default_factory=dict, metadata={"help": "extra DeepSpeed config merged over the built one"})
+    scaling: dict = field(default_factory=lambda: {"num_workers": 1, "use_gpu": False}, metadata={"help": "ray.train.ScalingConfig kwargs"})
+    storage_path: str | None = field(default=None, metadata={"help": "RunConfig storage (local dir or s3://...)"})
+    max_failures: int = 0
+    checkpoint_every: int = 50
+    num_to_keep: int = 2
+    log_every: int = 1
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        _positive(self, "learning_rate", "epochs", "micro_batch_size", "global_batch_size", "cutoff_len", "checkpoint_every", "num_to_keep", "log_every")
+        _positive(self, "max_steps", allow_none=True)
+        _choice(self, "strategy", ("ddp", "deepspeed"))
+        _choice(self, "zero_stage", (0, 1, 2, 3))
+        _choice(self, "overlong", ("truncate", "drop"))
+        _choice(self, "precision", ("auto", "bf16", "fp32", "fp16"))
+        _choice(self, "lr_scheduler", ("cosine", "linear", "constant"))
+        if not (0.0 <= self.warmup_ratio < 1.0):
+            raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclass
+class EvalConfig:
+    """Stage 6: accuracy / tokens / latency / actual ratio per γ, with baselines."""
+
+    model: str = "smollm2-135m-instruct"
+    adapter: str | None = field(default=None, metadata={"help": "PEFT adapter directory (None: base model only)"})
+    datasets: list[str] = field(default_factory=lambda: ["gsm8k"], metadata={"help": "gsm8k | math500 | a file/HF id"})
+    split: str = "test"
+    ratios: list[float] = field(default_factory=lambda: list(DEFAULT_RATIOS))
+    limit: int | None = None
+    output_dir: str | None = None
+    max_new_tokens: int | None = field(default=None, metadata={"help": "None: 512 gsm8k / 1024 math"})
+    budget_scales_with_ratio: bool = field(default=False, metadata={"help": "max tokens = max_len x γ (the paper's MATH setting)"})
+    baselines: list[str] = field(default_factory=lambda: ["original", "prompt", "truncation"])
+    latency_samples: int = field(default=8, metadata={"help": "questions timed one at a time (batch size 1)"})
+    engine_kwargs: dict = field(default_factory=dict)
+    num_gpus: float = 0.0
+    num_cpus: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.ratios:
+            raise ConfigError("eval.ratios must not be empty")
+        self.ratios = [check_ratio(r, f"eval.ratios[{i}]") for i, r in enumerate(self.ratios)]
+        _positive(self, "limit", "max_new_tokens", allow_none=True)
+        _nonneg(self, "latency_samples", "num_gpus", "num_cpus")
+        bad = set(self.baselines) - {"original", "prompt", "truncation"}
+        if bad:
+            raise ConfigError(f"eval.baselines: unknown {sorted(bad)} (valid: original, prompt, truncation)")
+        if not self.datasets:
+            raise ConfigError("eval.datasets must not be empty")
+
+
+@dataclass
+class PipelineConfig:
+    """One experiment: generate -> prune -> build SFT -> train -> evaluate."""
+
+    name: str = "experiment"
+    run_dir: str = field(default="runs/experiment", metadata={"help": "all artifacts go under here (local path or cloud URI)"})
+    model: str = field(default="smollm2-135m-instruct", metadata={"help": "target model; stages inherit it unless they set their own"})
+    stages: list[str] = field(default_factory=lambda: ["generate", "prune", "build_sft", "train", "evaluate"])
+    ray: dict = field(default_factory=dict, metadata={"help": "ray.init kwargs for local runs (ignored when RAY_ADDRESS is set)"})
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    build_sft: BuildSFTConfig = field(default_factory=BuildSFTConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        bad = [s for s in self.stages if s not in STAGES]
+        if bad:
+            raise ConfigError(f"pipeline.stages: unknown stage(s) {bad} (valid: {list(STAGES)})")
+
+
+STAGES = ("generate", "prune", "build_sft", "train", "evaluate")
+KINDS: dict[str, type] = {
+    "pipeline": PipelineConfig,
+    "generate": GenerateConfig,
+    "prune": PruneConfig,
+    "build_sft": BuildSFTConfig,
+    "train": TrainConfig,
+    "evaluate": EvalConfig,
+}
+
+# --------------------------------------------------------------------------- loading
+
+
+def _origin_name(source: str | os.PathLike | None) -> str:
+    return str(source) if source is not None else "<dict>"
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _coerce(value: Any, tp: Any, where: str, origin: str) -> Any:
+    tp = _unwrap_optional(tp)
+    if value is None:
+        return None
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{origin}: {where} must be a mapping, got {type(value).__name__}")
+        return _build(tp, value, where, origin)
+    base = typing.get_origin(tp)
+    try:
+        if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if tp is int and isinstance(value, float) and value.is_integer():
+            return int(value)
+        if tp is bool and not isinstance(value, bool):
+            raise TypeError
+        if tp in (int, str) and not isinstance(value, tp):
+            if tp is str and isinstance(value, (int, float)):
+                return str(value)
+            raise TypeError
+        if base is list:
+            if not isinstance(value, (list, tuple)):
+                raise TypeError
+            (item_tp,) = typing.get_args(tp) or (Any,)
+            return [_coerce(v, item_tp, f"{where}[{i}]", origin) for i, v in enumerate(value)]
+        if tp is dict or base is dict:
+            if not isinstance(value, dict):
+                raise TypeError
+            return dict(value)
+    except TypeError:
+        raise ConfigError(f"{origin}: {where} has the wrong type: expected {getattr(tp, '__name__', tp)}, got {value!r}") from None
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str, origin: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            dotted = f"{prefix}.{key}" if prefix else key
+            raise ConfigError(f"{origin}: unknown key '{dotted}' (valid: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            dotted = f"{prefix}.{f.name}" if prefix else f.name
+            kwargs[f.name] = _coerce(data[f.name], hints[f.name], dotted, origin)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{origin}: {e}") from None
+    except ValueError as e:
+        raise ConfigError(f"{origin}: {e}") from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``a.b=value`` (value read as YAML).
+
+    >>> parse_override("train.lora.r=16")
+    (['train', 'lora', 'r'], 16)
+    >>> parse_override("prune.ratios=[0.5, 0.7]")
+    (['prune', 'ratios'], [0.5, 0.7])
+    """
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip().lstrip("-")
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
+    data = dict(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            child = dict(child) if isinstance(child, dict) else {}
+            node[part] = child
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping")
+    return data
+
+
+def load_config(cls: type, path: str | os.PathLike | None = None, overrides: typing.Iterable[str] = (), data: dict | None = None) -> Any:
+    """Build ``cls`` from defaults, then the YAML at ``path`` (or ``data``), then overrides.
+
+    A ``kind:`` key in the file must match ``cls``; a pipeline YAML passed to a stage
+    loader yields that stage's section with the pipeline's model filled in.
+    """
+    origin = _origin_name(path)
+    raw = read_yaml(path) if path is not None else dict(data or {})
+    kind = raw.pop("kind", None)
+    want = next((k for k, v in KINDS.items() if v is cls), None)
+    if kind is not None and kind not in KINDS:
+        raise ConfigError(f"{origin}: unknown kind {kind!r} (valid: {', '.join(KINDS)})")
+    if kind == "pipeline" and want not in (None, "pipeline"):
+        pipe = load_config(PipelineConfig, data=dict(raw, kind="pipeline"), overrides=[o if o.startswith(want + ".") else f"{want}.{o}" for o in overrides])
+        return stage_config(pipe, want)
+    if kind is not None and want is not None and kind != want:
+        raise ConfigError(f"{origin}: kind {kind!r} cannot be loaded as {want!r}")
+    raw = apply_overrides(raw, overrides)
+    return _build(cls, raw, "", origin)
+
+
+def load_any(path: str | os.PathLike, overrides: typing.Iterable[str] = ()) -> Any:
+    """Load a YAML whose ``kind:`` names its config class."""
+    raw = read_yaml(path)
+    kind = raw.get("kind")
+    if kind not in KINDS:
+        raise ConfigError(f"{path}: missing or unknown 'kind' {kind!r} (valid: {', '.join(KINDS)})")
+    return load_config(KINDS[kind], path, overrides)
+
+
+def stage_config(pipe: PipelineConfig, stage: str) -> Any:
+    """The section of a pipeline config for one stage, with run-dir paths and model filled in."""
+    run = pipe.run_dir.rstrip("/")
+    cfg = dataclasses.replace(getattr(pipe, stage))
+    defaults = KINDS[stage]()
+    if hasattr(cfg, "model") and cfg.model == defaults.model:
+        cfg.model = pipe.model
+    if hasattr(cfg, "target_tokenizer") and cfg.target_tokenizer == defaults.target_tokenizer:
+        cfg.target_tokenizer = pipe.model
+    if getattr(cfg, "output_dir", None) is None:
+        cfg.output_dir = f"{run}/{stage}"
+    if stage == "prune" and cfg.input is None:
+        cfg.input = f"{run}/generate" if pipe.build_sft.cot_source == "generated" else f"{run}/cots"
+    if stage == "build_sft":
+        cfg.generations = cfg.generations or f"{run}/generate"
+        cfg.pruned = cfg.pruned or f"{run}/prune"
+    if stage == "train" and cfg.dataset is None:
+        cfg.dataset = f"{run}/build_sft"
+    if stage == "evaluate" and cfg.adapter is None and "train" in pipe.stages:
+        cfg.adapter = f"{run}/train/adapter"
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    """Resolved config as plain data (for manifests)."""
+    return dataclasses.asdict(cfg)
+
+
+def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) rows for the configuration reference."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = _unwrap_optional(typing.get_type_hints(cls)[f.name])
+        if _is_dataclass_type(tp):
+            rows.extend(describe(tp, key + "."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        rows.append((key, repr(default), f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,1157 @@
+"""Answer extraction and equivalence checking for GSM8K and MATH.
+
+This is the grader used by the TokenSkip evaluation: it pulls the final answer out of a
+chain-of-thought (``\\boxed{...}``, "The answer is ...", or the last number), normalises
+LaTeX, and decides whether two answers are the same.  It is pure Python; sympy is imported
+lazily and only for answers that cannot be compared as numbers or normalised strings.
+
+Design rules:
+
+* No public function ever raises: on any input (``None`` included) they return
+  ``None`` / ``False`` / ``""`` instead.
+* No ``signal`` based timeouts (Ray and Serve workers are not the main thread).  sympy is
+  bounded instead: expressions are length-limited, parsed with ``evaluate=False`` and only
+  evaluated numerically (``evalf``) at a few sample points, which has no unbounded
+  simplification step; results are memoised.
+* The LaTeX to sympy translation is done here by a small recursive-descent converter whose
+  output only contains numbers, single-letter symbols, whitelisted function names and
+  arithmetic operators, so the string handed to ``parse_expr`` is always safe to evaluate.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import threading
+from dataclasses import dataclass
+from fractions import Fraction
+from functools import lru_cache
+
+__all__ = [
+    "Grade",
+    "all_boxed",
+    "extract_answer",
+    "extract_gold",
+    "grade",
+    "is_equiv",
+    "last_boxed",
+    "normalize_answer",
+]
+
+# --------------------------------------------------------------------------------------
+# \boxed{...} extraction
+# --------------------------------------------------------------------------------------
+
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
+
+
+def _boxed_spans(text: str) -> list[tuple[int, int, str]]:
+    """Top-level ``\\boxed``/``\\fbox`` occurrences as (start, end, content)."""
+    spans: list[tuple[int, int, str]] = []
+    n = len(text)
+    pos = 0
+    while True:
+        m = _BOX_RE.search(text, pos)
+        if m is None:
+            break
+        j = m.end()
+        while j < n and text[j] in " \t":
+            j += 1
+        if j < n and text[j] == "{":
+            depth = 0
+            k = j
+            end = -1
+            while k < n:
+                c = text[k]
+                if c == "\\":
+                    k += 2  # an escaped character (\{, \}, \\) never changes the depth
+                    continue
+                if c == "{":
+                    depth += 1
+                elif c == "}":
+                    depth -= 1
+                    if depth == 0:
+                        end = k
+                        break
+                k += 1
+            if end < 0:  # unbalanced: ignore this box, look for a later one
+                pos = m.end()
+                continue
+            spans.append((m.start(), end + 1, text[j + 1 : end]))
+            pos = end + 1
+        else:
+            # "\boxed 5" form: the argument runs to the next space / dollar sign.
+            k = j
+            while k < n and not text[k].isspace() and text[k] not in "$":
+                k += 1
+            if k > j:
+                spans.append((m.start(), k, text[j:k]))
+            pos = max(k, m.end())
+    return spans
+
+
+def all_boxed(text: str) -> list[str]:
+    """Contents of every top-level ``\\boxed{...}`` / ``\\fbox{...}`` in ``text``, in order.
+
+    >>> all_boxed(r"first \\boxed{1} then \\fbox{\\frac{1}{2}}")
+    ['1', '\\\\frac{1}{2}']
+    >>> all_boxed("no boxes here")
+    []
+    """
+    try:
+        if not text:
+            return []
+        return [c for _, _, c in _boxed_spans(str(text))]
+    except Exception:
+        return []
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}``/``\\fbox{...}`` (nested braces matched), else None.
+
+    >>> last_boxed(r"so $x = \\boxed{\\frac{a}{b^{2}}}$.")
+    '\\\\frac{a}{b^{2}}'
+    >>> last_boxed(r"\\boxed 5 and \\boxed{6}")
+    '6'
+    >>> last_boxed("nothing") is None
+    True
+    """
+    try:
+        if not text:
+            return None
+        spans = _boxed_spans(str(text))
+        return spans[-1][2] if spans else None
+    except Exception:
+        return None
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------
+
+
+def _kind(dataset) -> str:
+    try:
+        return "math" if "math" in str(dataset).lower() else "gsm8k"
+    except Exception:
+        return "gsm8k"
+
+
+# A plain number as written in text: 1,000  -3  2.5  .5  (not part of a word like x2)
+_NUM_RE = re.compile(
+    r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?!\d)" r"|(?<![\w.\d])-?\.\d+(?!\d)"
+)
+_ANSWER_IS_RE = re.compile(r"\banswer\s*(?:is|was|would\s+be|will\s+be|:|=)\s*:?", re.IGNORECASE)
+_HASH_RE = re.compile(r"####\s*")
+
+_MAX_NUM_CHARS = 80
+
+
+def _to_number(s: str) -> Fraction | None:
+    """Exact value of a normalised numeric answer (int, decimal, fraction, mixed number)."""
+    if not s or len(s) > _MAX_NUM_CHARS:
+        return None
+    s = s.strip()
+    while len(s) > 2 and s[0] == "(" and s[-1] == ")" and "(" not in s[1:-1] and ")" not in s[1:-1]:
+        s = s[1:-1]
+    sign = 1
+    if s.startswith("-"):
+        sign, s = -1, s[1:]
+    elif s.startswith("+"):
+        s = s[1:]
+    if not s:
+        return None
+    try:
+        if re.fullmatch(r"\d+(?:\.\d*)?|\.\d+", s):
+            return sign * Fraction(s)
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)[eE]([+-]?\d{1,3})", s)
+        if m:
+            return sign * Fraction(m.group(1)) * Fraction(10) ** int(m.group(2))
+        m = re.fullmatch(r"\\frac\{(-?\d+(?:\.\d+)?)\}\{(-?\d+(?:\.\d+)?)\}", s)
+        if m:
+            den = Fraction(m.group(2))
+            return None if den == 0 else sign * Fraction(m.group(1)) / den
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)/(\d+(?:\.\d+)?)", s)
+        if m:
+            den = Fraction(m.group(2))
+            return None if den == 0 else sign * Fraction(m.group(1)) / den
+        m = re.fullmatch(r"(\d+)\\frac\{(\d+)\}\{(\d+)\}", s)  # mixed number 1\frac{4}{5}
+        if m:
+            num, den = int(m.group(2)), int(m.group(3))
+            if den != 0 and num < den:
+                return sign * (int(m.group(1)) + Fraction(num, den))
+    except (ValueError, ZeroDivisionError, OverflowError):
+        return None
+    return None
+
+
+def _fmt_number(x: Fraction) -> str:
+    """Canonical string for an exact number: ``18``, ``-2.5``, ``1/3``."""
+    if x.denominator == 1:
+        return str(x.numerator)
+    d = x.denominator
+    twos = fives = 0
+    while d % 2 == 0:
+        d //= 2
+        twos += 1
+    while d % 5 == 0:
+        d //= 5
+        fives += 1
+    if d == 1:
+        k = max(twos, fives)
+        scaled = abs(x.numerator) * (10**k) // x.denominator
+        digits = str(scaled).rjust(k + 1, "0")
+        out = (digits[:-k] + "." + digits[-k:]).rstrip("0").rstrip(".")
+        return ("-" if x < 0 else "") + out
+    return f"{x.numerator}/{x.denominator}"
+
+
+def _clean_number_token(tok: str) -> str:
+    val = _to_number(tok.replace(",", ""))
+    return _fmt_number(val) if val is not None else tok.replace(",", "")
+
+
+def _first_math_span(s: str) -> str:
+    """Answer text after "the answer is": prefer the first $...$ span, else up to the sentence end."""
+    m = re.search(r"(?<!\\)\$((?:\\\$|[^$])+?)(?<!\\)\$", s)
+    if m and s[: m.start()].strip(" :*") == "":
+        return m.group(1).strip()
+    s = re.split(r"\.(?:\s|$)|\n", s, maxsplit=1)[0]
+    return s.strip().strip("*").strip()
+
+
+# --------------------------------------------------------------------------------------
+# normalisation
+# --------------------------------------------------------------------------------------
+
+_UNIT_WORDS = (
+    r"(?:sq(?:uare)?\.?\s*)?(?:cubic\s*)?"
+    r"(?:units?|dollars?|cents?|degrees?|percent|cm|mm|km|meters?|metres?|inches|inch|feet|foot"
+    r"|ft|yards?|yd|miles?|mph|hours?|hrs?|minutes?|mins?|seconds?|secs?|days?|weeks?|months?"
+    r"|years?|pounds?|lbs?|ounces?|oz|grams?|kg|kilograms?|liters?|litres?|ml|gallons?|points?"
+    r"|people|students|eggs|marbles|apples|books|coins|pages|times|ways|numbers|integers"
+    r"|values|solutions|tiles|squares|triangles|handshakes|games|boxes|bags|cups|pieces)"
+)
+_TRAILING_UNIT_RE = re.compile(
+    r"(?<=[\d}\s])\s*" + _UNIT_WORDS + r"\s*(?:\^\{?[23]\}?|²|³)?\s*\.?\s*$", re.IGNORECASE
+)
+_TEXT_CMD_RE = re.compile(
+    r"\\(?:text|mbox|textbf|textit|textrm|textnormal|mathrm|mathbf|mathit|mathsf|mathtt|operatorname)\s*\{"
+)
+_SPACE_CMDS = ("\\!", "\\,", "\\;", "\\:", "\\>", "\\quad", "\\qquad", "\\ ", "~")
+_UNICODE = {
+    "\u2212": "-",
+    "\u2013": "-",
+    "\u00d7": "\\times ",
+    "\u00b7": "\\cdot ",
+    "\u00f7": "\\div ",
+    "\u03c0": "\\pi ",
+    "\u221e": "\\infty ",
+    "\u00b0": "",
+    "\u221a": "\\sqrt",
+    "\u00a0": " ",
+}
+_SENTINEL = "\ue000"
+_ROWSEP = "\ue001"
+
+
+def _read_arg(s: str, i: int) -> tuple[str, int] | None:
+    """A LaTeX macro argument at ``s[i:]``: a balanced {group} (inner text) or a single char."""
+    n = len(s)
+    while i < n and s[i] == " ":
+        i += 1
+    if i >= n:
+        return None
+    if s[i] == "{":
+        depth = 0
+        k = i
+        while k < n:
+            c = s[k]
+            if c == "\\":
+                k += 2
+                continue
+            if c == "{":
+                depth += 1
+            elif c == "}":
+                depth -= 1
+                if depth == 0:
+                    return s[i + 1 : k], k + 1
+            k += 1
+        return None
+    if s[i] == "\\":
+        m = re.match(r"\\[a-zA-Z]+", s[i:])
+        if m:
+            return m.group(0), i + m.end()
+        return None
+    if s[i] in "}^_":
+        return None
+    return s[i], i + 1
+
+
+def _fix_macro_args(s: str, macro: str, nargs: int) -> str:
+    """Brace the arguments of ``\\frac12``, ``\\frac 59``, ``\\frac{270}7``, ``\\sqrt2``."""
+    if macro not in s:
+        return s
+    out = []
+    i = 0
+    pat = re.compile(re.escape(macro) + r"(?![a-zA-Z])")
+    while True:
+        m = pat.search(s, i)
+        if m is None:
+            out.append(s[i:])
+            break
+        out.append(s[i : m.end()])
+        j = m.end()
+        if macro == "\\sqrt":
+            k = j
+            while k < len(s) and s[k] == " ":
+                k += 1
+            if k < len(s) and s[k] == "[":
+                close = s.find("]", k)
+                if close < 0:
+                    i = j
+                    continue
+                out.append(s[k : close + 1])
+                j = close + 1
+        args = []
+        k = j
+        for _ in range(nargs):
+            a = _read_arg(s, k)
+            if a is None:
+                break
+            args.append(a[0])
+            k = a[1]
+        if len(args) == nargs:
+            out.append("".join("{" + a + "}" for a in args))
+            i = k
+        else:
+            i = j
+    return "".join(out)
+
+
+def _unwrap_box(s: str) -> str:
+    for _ in range(3):
+        spans = _boxed_spans(s)
+        if len(spans) == 1 and spans[0][0] == 0 and spans[0][1] == len(s):
+            s = spans[0][2].strip()
+        else:
+            break
+    return s
+
+
+def _strip_text(s: str) -> str:
+    s = _TEXT_CMD_RE.sub(r"\\text{", s)
+    if "\\text{" not in s:
+        return s
+    m = re.fullmatch(r"\s*\\text\{([^{}]*)\}\s*", s)
+    if m:
+        return m.group(1)
+    # trailing \text{ units} (possibly squared) after something else is a unit: drop it
+    for _ in range(3):
+        m = re.search(r"\\text\{[^{}]*\}\s*(?:\^\{?[23]\}?)?\s*$", s)
+        if m and s[: m.start()].strip():
+            s = s[: m.start()]
+        else:
+            break
+    return re.sub(r"\\text\{([^{}]*)\}", r"\1", s)
+
+
+_CACHE_MAX_CHARS = 512
+
+
+def _normalize_math(s: str) -> str:
+    s = str(s)
+    return _normalize_math_cached(s) if len(s) <= _CACHE_MAX_CHARS else _normalize_math_impl(s)
+
+
+@lru_cache(maxsize=65536)
+def _normalize_math_cached(s: str) -> str:
+    return _normalize_math_impl(s)
+
+
+def _normalize_math_impl(s: str) -> str:
+    s = str(s).strip()
+    if len(s) > 2000:
+        s = s[:2000]
+    s = re.sub(r"\s+", " ", s)
+    for k, v in _UNICODE.items():
+        if k in s:
+            s = s.replace(k, v)
+    s = _unwrap_box(s)
+    s = s.replace("\n", " ").replace("\r", " ").replace("\t", " ")
+    s = s.replace("\\$", " ").replace("$", " ")
+    s = re.sub(r"^\\[(\[]|\\[)\]]$", "", s.strip())
+    s = s.replace("\\\\", _ROWSEP)  # protect the \\ row separator from "\ " (a space)
+    for t in _SPACE_CMDS:
+        if t in s:
+            s = s.replace(t, "" if t == "\\!" else " ")
+    s = s.replace(_ROWSEP, "\\\\")
+    s = re.sub(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|biggl|biggr|big|Big|bigg|Bigg|displaystyle)(?![a-zA-Z])", "", s)
+    s = re.sub(r"\\[dtc]frac(?![a-zA-Z])", r"\\frac", s)
+    # degrees
+    s = re.sub(r"\^\s*\{\s*\\circ\s*\}", "", s)
+    s = re.sub(r"\^\s*\\circ(?![a-zA-Z])", "", s)
+    s = re.sub(r"\\circ(?![a-zA-Z])", "", s)
+    s = _strip_text(s)
+    s = s.replace("\\%", "").replace("%", "")
+    s = re.sub(r"\bdegrees?\b", "", s) if re.search(r"\d", s) else s
+    for _ in range(2):
+        new = _TRAILING_UNIT_RE.sub("", s)
+        if not new.strip():
+            break
+        s = new
+    s = s.strip()
+    # leading "x =", "y=", "\theta =", "x \in"
+    m = re.match(r"^(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\{?\w\}?)?\s*(?:=|\\in(?![a-zA-Z]))\s*(.+)$", s)
+    if m and "=" not in m.group(1):
+        s = m.group(1)
+    # brace macro arguments
+    s = re.sub(r"\\frac\s+", r"\\frac", s)
+    s = _fix_macro_args(s, "\\frac", 2)
+    s = _fix_macro_args(s, "\\sqrt", 1)
+    # remove spaces, keeping one between a \command and a following letter (\cot x, \pi r)
+    s = re.sub(r"(\\[a-zA-Z]+)\s+(?=[a-zA-Z])", r"\1" + _SENTINEL, s)
+    s = re.sub(r"\s+", "", s).replace(_SENTINEL, " ")
+    s = s.rstrip(".").rstrip(",").rstrip(".")
+    s = re.sub(r"\^\{(\w)\}", r"^\1", s)
+    s = re.sub(r"_\{(\w+)\}", r"_\1", s)
+    s = re.sub(r"\\(?:bmatrix|matrix)\b", "pmatrix", s)
+    s = s.replace("{bmatrix}", "{pmatrix}")
+    # numbers: 1,000 -> 1000 ; .5 -> 0.5 ; 2.50 -> 2.5 ; 18.0 -> 18
+    if re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):
+        s = s.replace(",", "")
+    s = re.sub(r"(?<![\d.])\.(\d)", r"0.\1", s)
+    s = re.sub(r"(\d\.\d*?)0+(?!\d)", r"\1", s)
+    s = re.sub(r"(\d)\.(?!\d)", r"\1", s)
+    # a/b -> \frac{a}{b} for plain integers
+    m = re.fullmatch(r"(-?)(\d+)/(\d+)", s)
+    if m:
+        s = f"{m.group(1)}\\frac{{{m.group(2)}}}{{{m.group(3)}}}"
+    # multiple choice (C) / \text{(C)}
+    m = re.fullmatch(r"\(([A-Ea-e])\)", s)
+    if m:
+        s = m.group(1).upper()
+    if s in ("infinity", "inf", "\\inf"):
+        s = "\\infty"
+    if re.fullmatch(r"[A-Za-z]{3,}", s):
+        s = s.lower()
+    if s.startswith("+") and len(s) > 1:
+        s = s[1:]
+    return s
+
+
+def _normalize_gsm8k(s: str) -> str:
+    s = str(s)
+    return _normalize_gsm8k_cached(s) if len(s) <= _CACHE_MAX_CHARS else _normalize_gsm8k_impl(s)
+
+
+@lru_cache(maxsize=65536)
+def _normalize_gsm8k_cached(s: str) -> str:
+    return _normalize_gsm8k_impl(s)
+
+
+def _normalize_gsm8k_impl(s: str) -> str:
+    base = _normalize_math(s)
+    val = _to_number(base)
+    if val is not None:
+        return _fmt_number(val)
+    nums = _NUM_RE.findall(str(s).replace("\\!", "").replace("{,}", ","))
+    if nums:
+        return _clean_number_token(nums[-1])
+    return base
+
+
+def normalize_answer(ans: str, dataset: str = "math") -> str:
+    """Normalise an answer string for comparison (never raises; ``None`` gives ``""``).
+
+    MATH: LaTeX clean-up (``\\left``/``\\right``, ``\\dfrac``, ``\\frac12``, degrees, units,
+    ``\\%``, dollars, spaces, leading ``x =``).  GSM8K: the canonical number in the answer.
+
+    >>> normalize_answer(r"\\dfrac12")
+    '\\\\frac{1}{2}'
+    >>> normalize_answer(r"x = 90^{\\circ}")
+    '90'
+    >>> normalize_answer(r"\\$1,000.00 dollars", "gsm8k")
+    '1000'
+    """
+    try:
+        if ans is None:
+            return ""
+        if _kind(dataset) == "gsm8k":
+            return _normalize_gsm8k(str(ans))
+        return _normalize_math(str(ans))
+    except Exception:
+        try:
+            return str(ans).strip()
+        except Exception:
+            return ""
+
+
+# --------------------------------------------------------------------------------------
+# extraction
+# --------------------------------------------------------------------------------------
+
+
+def _gsm8k_from_candidate(cand: str) -> str | None:
+    norm = _normalize_gsm8k(cand)
+    return norm if norm != "" else None
+
+
+def extract_answer(text: str, dataset: str = "gsm8k") -> str | None:
+    """The final answer in a model output, or None.
+
+    Order: last ``\\boxed{}``/``\\fbox{}``; ``#### X``; "the answer is X"; the last number.
+    For GSM8K the result is the canonical number (commas, ``$`` and units stripped); for
+    MATH it is the raw answer text (normalise it with :func:`normalize_answer`).
+
+    >>> extract_answer("She pays $1,000 in total. The answer is $1,000.")
+    '1000'
+    >>> extract_answer(r"so the result is $\\boxed{\\frac{\\sqrt{3}}{2}}$.", "math")
+    '\\\\frac{\\\\sqrt{3}}{2}'
+    >>> extract_answer("3 + 4 = 7 apples") , extract_answer("no digits") is None
+    ('7', True)
+    """
+    try:
+        if text is None:
+            return None
+        text = str(text)
+        if not text.strip():
+            return None
+        kind = _kind(dataset)
+        boxed = last_boxed(text)
+        if kind == "gsm8k":
+            if boxed is not None and boxed.strip():
+                return _gsm8k_from_candidate(boxed)
+            hashes = list(_HASH_RE.finditer(text))
+            if hashes:
+                rest = text[hashes[-1].end() :][:200]
+                nums = _NUM_RE.findall(rest.split("\n", 1)[0])
+                if nums:
+                    return _clean_number_token(nums[0])
+            answer_is = list(_ANSWER_IS_RE.finditer(text))
+            if answer_is:
+                rest = text[answer_is[-1].end() :][:300].split("\n", 1)[0]
+                nums = _NUM_RE.findall(rest.replace("\\!", ""))
+                if nums:
+                    return _clean_number_token(nums[0])
+            nums = _NUM_RE.findall(text.replace("\\!", ""))
+            if nums:
+                return _clean_number_token(nums[-1])
+            return None
+        # MATH
+        if boxed is not None and boxed.strip():
+            return boxed.strip()
+        answer_is = list(_ANSWER_IS_RE.finditer(text))
+        if answer_is:
+            rest = text[answer_is[-1].end() :][:500]
+            ans = _first_math_span(rest)
+            if ans:
+                return ans
+        nums = _NUM_RE.findall(text)
+        if nums:
+            return nums[-1].replace(",", "") if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", nums[-1]) else nums[-1]
+        return None
+    except Exception:
+        return None
+
+
+def extract_gold(solution: str, dataset: str) -> str:
+    """The gold answer of a dataset row (``""`` if none can be found).
+
+    GSM8K: the text after the last ``#### `` with commas stripped.  MATH: the last boxed
+    answer of the reference solution.
+
+    >>> extract_gold("16 - 3 - 4 = 9 eggs\\n#### 1,800", "gsm8k")
+    '1800'
+    >>> extract_gold(r"so $p(8) = \\boxed{\\frac{3}{56}}.$", "math")
+    '\\\\frac{3}{56}'
+    """
+    try:
+        if solution is None:
+            return ""
+        solution = str(solution)
+        if _kind(dataset) == "gsm8k":
+            if "####" in solution:
+                ans = solution.rsplit("####", 1)[1].strip()
+                ans = ans.split("\n", 1)[0].strip()
+                return ans.replace(",", "").replace("$", "").strip()
+            return extract_answer(solution, "gsm8k") or ""
+        boxed = last_boxed(solution)
+        if boxed is not None:
+            return boxed.strip()
+        stripped = solution.strip()
+        if stripped and len(stripped) <= 64 and "\n" not in stripped and "answer" not in stripped.lower():
+            return stripped
+        return extract_answer(solution, "math") or ""
+    except Exception:
+        return ""
+
+
+# --------------------------------------------------------------------------------------
+# equivalence
+# --------------------------------------------------------------------------------------
+
+_OPEN = "([{"
+_CLOSE = ")]}"
+
+
+def _match_close(s: str, i: int) -> int:
+    """Index of the bracket closing the one at ``s[i]`` (any of ([{ vs )]}), or -1."""
+    depth = 0
+    for k in range(i, len(s)):
+        c = s[k]
+        if c in _OPEN:
+            depth += 1
+        elif c in _CLOSE:
+            depth -= 1
+            if depth == 0:
+                return k
+    return -1
+
+
+def _split_top(s: str, sep: str = ",") -> list[str]:
+    parts = []
+    depth = 0
+    last = 0
+    i = 0
+    n = len(s)
+    L = len(sep)
+    while i < n:
+        c = s[i]
+        if c in _OPEN:
+            depth += 1
+        elif c in _CLOSE:
+            depth -= 1
+        elif depth == 0 and s.startswith(sep, i):
+            parts.append(s[last:i])
+            i += L
+            last = i
+            continue
+        i += 1
+    parts.append(s[last:])
+    return parts
+
+
+def _group(s: str):
+    """(open, inner, close) when ``s`` is one bracketed group: ``(1,2)``, ``[a,b)``, ``\\{x\\}``."""
+    if s.startswith("\\{") and s.endswith("\\}") and len(s) >= 4:
+        if _match_close(s, 1) == len(s) - 1:
+            return "{", s[2:-2], "}"
+        return None
+    if len(s) >= 2 and s[0] in "([" and s[-1] in ")]" and _match_close(s, 0) == len(s) - 1:
+        return s[0], s[1:-1], s[-1]
+    return None
+
+
+_MATRIX_RE = re.compile(r"\\begin\{[pbvBV]?matrix\}(.*)\\end\{[pbvBV]?matrix\}", re.S)
+
+
+def _matrix(s: str):
+    m = _MATRIX_RE.fullmatch(s)
+    if not m:
+        return None
+    rows = [r for r in m.group(1).split("\\\\")]
+    if rows and rows[-1] == "":
+        rows = rows[:-1]
+    return [r.split("&") for r in rows]
+
+
+def _unordered_match(xs: list[str], ys: list[str], kind: str, depth: int) -> bool:
+    if len(xs) != len(ys):
+        return False
+    used = [False] * len(ys)
+    for x in xs:
+        for j, y in enumerate(ys):
+            if not used[j] and _equiv_norm(x, y, kind, depth + 1):
+                used[j] = True
+                break
+        else:
+            return False
+    return True
+
+
+def _expand_pm(s: str):
+    if s.count("\\pm") == 1 and "\\mp" not in s and "," not in s:
+        return [s.replace("\\pm", "+"), s.replace("\\pm", "-")]
+    return None
+
+
+def _equiv_norm(a: str, b: str, kind: str, depth: int = 0) -> bool:
+    """Equivalence of two already-normalised answers."""
+    if a == b:
+        return True
+    if not a or not b or depth > 6:
+        return False
+    # matrices / column vectors
+    ma, mb = _matrix(a), _matrix(b)
+    if ma is not None or mb is not None:
+        if ma is None or mb is None or len(ma) != len(mb) or any(len(x) != len(y) for x, y in zip(ma, mb)):
+            return False
+        return all(
+            _equiv_norm(_normalize_math(x), _normalize_math(y), kind, depth + 1)
+            for ra, rb in zip(ma, mb)
+            for x, y in zip(ra, rb)
+        )
+    # unions of intervals
+    if "\\cup" in a or "\\cup" in b:
+        pa, pb = _split_top(a, "\\cup"), _split_top(b, "\\cup")
+        if len(pa) != len(pb) or len(pa) < 2:
+            return False
+        return all(_equiv_norm(x, y, kind, depth + 1) for x, y in zip(pa, pb))
+    # \pm
+    pma, pmb = _expand_pm(a), _expand_pm(b)
+    if pma is not None or pmb is not None:
+        xs = pma if pma is not None else _split_top(a)
+        ys = pmb if pmb is not None else _split_top(b)
+        return _unordered_match(xs, ys, kind, depth)
+    # tuples, intervals, sets
+    ga, gb = _group(a), _group(b)
+    ta = ga is not None and (ga[0] == "{" or len(_split_top(ga[1])) > 1)
+    tb = gb is not None and (gb[0] == "{" or len(_split_top(gb[1])) > 1)
+    if ta or tb:
+        if ta and tb:
+            if ga[0] == "{" or gb[0] == "{":
+                if ga[0] != gb[0]:
+                    return False
+                return _unordered_match(_split_top(ga[1]), _split_top(gb[1]), kind, depth)
+            if ga[0] != gb[0] or ga[2] != gb[2]:
+                return False
+            xs, ys = _split_top(ga[1]), _split_top(gb[1])
+            return len(xs) == len(ys) and all(_equiv_norm(x, y, kind, depth + 1) for x, y in zip(xs, ys))
+        # "(1,2)" vs "1,2": same ordered elements; a set vs a bare list: same elements
+        g, other = (ga, b) if ta else (gb, a)
+        ys = _split_top(other)
+        if len(ys) < 2:
+            return False
+        xs = _split_top(g[1])
+        if g[0] == "{":
+            return _unordered_match(xs, ys, kind, depth)
+        if g[0] != "(" or g[2] != ")":
+            return False
+        return len(xs) == len(ys) and all(_equiv_norm(x, y, kind, depth + 1) for x, y in zip(xs, ys))
+    # bare comma-separated lists (e.g. all solutions): order does not matter
+    la, lb = _split_top(a), _split_top(b)
+    if len(la) > 1 or len(lb) > 1:
+        return _unordered_match(la, lb, kind, depth)
+    return _scalar_equiv(a, b, kind)
+
+
+def _scalar_equiv(a: str, b: str, kind: str) -> bool:
+    if a == b:
+        return True
+    fa, fb = _to_number(a), _to_number(b)
+    if fa is not None and fb is not None:
+        if fa == fb:
+            return True
+        if kind == "gsm8k":
+            return abs(fa - fb) < Fraction(1, 1000)
+        return False
+    if a.lower() == b.lower() and re.fullmatch(r"[A-Za-z ]+", a):
+        return True
+    if (fa is not None and re.fullmatch(r"[A-Za-z]{2,}", b)) or (fb is not None and re.fullmatch(r"[A-Za-z]{2,}", a)):
+        return False
+    return _sympy_equiv(a, b)
+
+
+# --------------------------------------------------------------------------------------
+# sympy fallback (bounded, memoised)
+# --------------------------------------------------------------------------------------
+
+_SYMPY_MAX_CHARS = 160
+_SYMPY_MAX_TOKENS = 120
+_TOKEN_RE = re.compile(r"\\[a-zA-Z]+|\\.|\d+\.\d*|\.\d+|\d+|[a-zA-Z]|\S")
+_FUNCS = {
+    "\\sin": "sin",
+    "\\cos": "cos",
+    "\\tan": "tan",
+    "\\cot": "cot",
+    "\\sec": "sec",
+    "\\csc": "csc",
+    "\\arcsin": "asin",
+    "\\arccos": "acos",
+    "\\arctan": "atan",
+    "\\sinh": "sinh",
+    "\\cosh": "cosh",
+    "\\tanh": "tanh",
+    "\\log": "log",
+    "\\ln": "log",
+    "\\exp": "exp",
+}
+_PLAIN_FUNCS = {"sqrt", "sin", "cos", "tan", "cot", "sec", "csc", "log", "ln", "exp"}
+_CONSTS = {"\\pi": "pi", "\\infty": "oo", "\\infinity": "oo"}
+_MUL = {"\\cdot", "\\times", "*"}
+_DIV = {"\\div", "/"}
+
+
+class _Refuse(Exception):
+    pass
+
+
+class _LatexToSympy:
+    """Tiny recursive-descent LaTeX -> sympy-syntax translator (raises _Refuse if unsure)."""
+
+    def __init__(self, s: str):
+        self.toks = _TOKEN_RE.findall(s)
+        if len(self.toks) > _SYMPY_MAX_TOKENS:
+            raise _Refuse
+        self.i = 0
+
+    def peek(self):
+        return self.toks[self.i] if self.i < len(self.toks) else None
+
+    def take(self):
+        t = self.peek()
+        self.i += 1
+        return t
+
+    def convert(self) -> str:
+        out = self.seq(None)
+        if self.i != len(self.toks):
+            raise _Refuse
+        return out
+
+    def seq(self, closer) -> str:
+        items: list[tuple[str, str]] = []  # ("v", operand) or ("o", operator)
+
+        def push_operand(v: str):
+            if items and items[-1][0] == "v":
+                items.append(("o", "*"))
+            items.append(("v", v))
+
+        while True:
+            t = self.peek()
+            if t is None:
+                if closer is not None:
+                    raise _Refuse
+                break
+            if t == closer:
+                break
+            if t in (")", "]", "}"):
+                raise _Refuse
+            self.take()
+            if t in ("(", "[", "{"):
+                inner = self.seq({"(": ")", "[": "]", "{": "}"}[t])
+                self.take()
+                push_operand("(" + inner + ")")
+            elif t in ("+", "-"):
+                items.append(("o", t))
+            elif t in _MUL:
+                items.append(("o", "*"))
+            elif t in _DIV:
+                items.append(("o", "/"))
+            elif t == "^":
+                if not items or items[-1][0] != "v":
+                    raise _Refuse
+                exp = self.arg()
+                items[-1] = ("v", "(" + items[-1][1] + ")**(" + exp + ")")
+            elif t[0].isdigit() or t[0] == ".":
+                if len(t) > 40:
+                    raise _Refuse
+                push_operand(t)
+            elif len(t) == 1 and t.isalpha():
+                if t == "i":
+                    push_operand("imagunit")
+                else:
+                    push_operand(t)
+            elif t == "\\frac":
+                num = self.arg()
+                den = self.arg()
+                push_operand("((" + num + ")/(" + den + "))")
+            elif t == "\\sqrt":
+                index = None
+                if self.peek() == "[":
+                    self.take()
+                    index = self.seq("]")
+                    self.take()
+                body = self.arg()
+                if index is None:
+                    push_operand("sqrt(" + body + ")")
+                else:
+                    push_operand("((" + body + ")**(1/(" + index + ")))")
+            elif t in _CONSTS:
+                push_operand(_CONSTS[t])
+            elif t in _FUNCS:
+                power = None
+                if self.peek() == "^":
+                    self.take()
+                    power = self.arg()
+                body = self.func_arg()
+                v = _FUNCS[t] + "(" + body + ")"
+                push_operand(v if power is None else "(" + v + ")**(" + power + ")")
+            else:
+                raise _Refuse
+        if not items or items[-1][0] == "o":
+            raise _Refuse
+        return "".join(v for _, v in items)
+
+    def arg(self) -> str:
+        t = self.take()
+        if t is None:
+            raise _Refuse
+        if t == "{":
+            inner = self.seq("}")
+            self.take()
+            return "(" + inner + ")"
+        if t[0].isdigit():
+            return t
+        if len(t) == 1 and t.isalpha():
+            return "imagunit" if t == "i" else t
+        if t in _CONSTS:
+            return _CONSTS[t]
+        if t == "-" and self.peek() is not None and self.peek()[0].isdigit():
+            return "(-" + self.take() + ")"
+        raise _Refuse
+
+    def func_arg(self) -> str:
+        t = self.peek()
+        if t in ("(", "{", "["):
+            self.take()
+            inner = self.seq({"(": ")", "[": "]", "{": "}"}[t])
+            self.take()
+            return inner
+        parts = []
+        while True:
+            t = self.peek()
+            if t is None:
+                break
+            if t[0].isdigit() or (len(t) == 1 and t.isalpha()) or t in _CONSTS:
+                self.take()
+                parts.append("imagunit" if t == "i" else _CONSTS.get(t, t))
+            else:
+                break
+        if not parts:
+            raise _Refuse
+        return "*".join(parts)
+
+
+_sympy_lock = threading.Lock()
+_sympy_ns: dict | None = None
+
+
+def _sympy_namespace() -> dict | None:
+    global _sympy_ns
+    if _sympy_ns is not None:
+        return _sympy_ns
+    with _sympy_lock:
+        if _sympy_ns is None:
+            try:
+                import sympy
+                from sympy.parsing import sympy_parser as sp
+            except Exception:  # sympy missing: no symbolic fallback
+                _sympy_ns = {}
+                return _sympy_ns
+            local = {c: sympy.Symbol(c) for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"}
+            local.update(
+                {
+                    "imagunit": sympy.I,
+                    "pi": sympy.pi,
+                    "oo": sympy.oo,
+                    "sqrt": sympy.sqrt,
+                    "sin": sympy.sin,
+                    "cos": sympy.cos,
+                    "tan": sympy.tan,
+                    "cot": sympy.cot,
+                    "sec": sympy.sec,
+                    "csc": sympy.csc,
+                    "asin": sympy.asin,
+                    "acos": sympy.acos,
+                    "atan": sympy.atan,
+                    "sinh": sympy.sinh,
+                    "cosh": sympy.cosh,
+                    "tanh": sympy.tanh,
+                    "log": sympy.log,
+                    "exp": sympy.exp,
+                }
+            )
+            _sympy_ns = {
+                "sympy": sympy,
+                "parser": sp,
+                "local": local,
+                "transformations": sp.standard_transformations + (sp.implicit_multiplication, sp.convert_xor),
+            }
+    return _sympy_ns
+
+
+def _plain_to_latexish(s: str) -> str:
+    """Let plain-text math (``sqrt(3)/2``, ``2*pi``, ``x**2``) through the LaTeX converter."""
+    s = s.replace("**", "^")
+    s = re.sub(r"(?<!\\)(sqrt|sin|cos|tan|cot|sec|csc|log|ln|exp)(?=\()", r"\\\1", s)
+    s = re.sub(r"(?<![\\a-zA-Z])pi(?![a-zA-Z])", r"\\pi", s)
+    s = re.sub(r"\\sqrt\(", r"\\sqrt(", s)
+    # \sqrt(...) -> \sqrt{...}
+    out = []
+    i = 0
+    while True:
+        k = s.find("\\sqrt(", i)
+        if k < 0:
+            out.append(s[i:])
+            break
+        close = _match_close(s, k + 5)
+        if close < 0:
+            out.append(s[i:])
+            break
+        out.append(s[i:k] + "\\sqrt{" + s[k + 6 : close] + "}")
+        i = close + 1
+    return "".join(out)
+
+
+def _to_sympy_string(s: str) -> str:
+    if len(s) > _SYMPY_MAX_CHARS or "_" in s or "\\pm" in s or "\\mp" in s:
+        raise _Refuse
+    s = _plain_to_latexish(s)
+    if re.search(r"[A-Za-z]{3,}", re.sub(r"\\[a-zA-Z]+", "", s)):
+        raise _Refuse  # words ("Evelyn", "ellipse") are not products of symbols
+    return _LatexToSympy(s).convert()
+
+
+_SAMPLE_SEEDS = (1, 2, 3)
+
+
+def _numeric_close(x: complex, y: complex) -> bool:
+    if not (math.isfinite(x.real) and math.isfinite(x.imag) and math.isfinite(y.real) and math.isfinite(y.imag)):
+        return x == y
+    return abs(x - y) <= 1e-9 * max(1.0, abs(x), abs(y))
+
+
+def _exprs_equal(xa, xb, ns) -> bool:
+    sympy = ns["sympy"]
+    syms = sorted(xa.free_symbols | xb.free_symbols, key=lambda v: v.name)
+    if len(syms) > 6:
+        return False
+    valid = 0
+    points = _SAMPLE_SEEDS if syms else (0,)
+    for seed in points:
+        rng = random.Random(seed * 7919 + len(syms))
+        subs = {v: sympy.Float(round(rng.uniform(0.31, 2.37), 6)) for v in syms}
+        try:
+            va = complex(xa.evalf(30, subs=subs))
+            vb = complex(xb.evalf(30, subs=subs))
+        except (TypeError, ValueError, OverflowError, ZeroDivisionError, AttributeError):
+            return False
+        if math.isnan(va.real) or math.isnan(vb.real):
+            if math.isnan(va.real) and math.isnan(vb.real):
+                continue
+            return False
+        if not _numeric_close(va, vb):
+            return False
+        valid += 1
+    return valid >= (1 if not syms else 2)
+
+
+def _parse(expr: str, ns):
+    sp = ns["parser"]
+    return sp.parse_expr(
+        expr, local_dict=dict(ns["local"]), transformations=ns["transformations"], evaluate=False
+    )
+
+
+def _sympy_equiv(a: str, b: str) -> bool:
+    if len(a) > _SYMPY_MAX_CHARS or len(b) > _SYMPY_MAX_CHARS:
+        return False
+    return _sympy_equiv_cached(a, b)
+
+
+@lru_cache(maxsize=16384)
+def _sympy_equiv_cached(a: str, b: str) -> bool:
+    try:
+        ca = a.count("=")
+        cb = b.count("=")
+        if ca != cb or ca > 1:
+            return False
+        if ca == 1:
+            la, ra = a.split("=")
+            lb, rb = b.split("=")
+            sa = f"({_to_sympy_string(la)})-({_to_sympy_string(ra)})"
+            sb = f"({_to_sympy_string(lb)})-({_to_sympy_string(rb)})"
+        else:
+            sa, sb = _to_sympy_string(a), _to_sympy_string(b)
+        ns = _sympy_namespace()
+        if not ns:
+            return False
+        xa, xb = _parse(sa, ns), _parse(sb, ns)
+        if _exprs_equal(xa, xb, ns):
+            return True
+        if ca == 1:  # the same equation written the other way round
+            return _exprs_equal(xa, -xb, ns)
+        return False
+    except _Refuse:
+        return False
+    except Exception:
+        return False
+
+
+# --------------------------------------------------------------------------------------
+# public comparison API
+# --------------------------------------------------------------------------------------
+
+
+def is_equiv(pred: str | None, gold: str | None, dataset: str = "gsm8k") -> bool:
+    """Whether ``pred`` and ``gold`` are the same answer (never raises; None is never equal).
+
+    >>> is_equiv("1,000", "1000"), is_equiv("0.5", r"\\frac12", "math")
+    (True, True)
+    >>> is_equiv(r"\\frac{\\sqrt{3}}{2}", "sqrt(3)/2", "math"), is_equiv("3", "4")
+    (True, False)
+    """
+    try:
+        if pred is None or gold is None:
+            return False
+        pred, gold = str(pred), str(gold)
+        kind = _kind(dataset)
+        if kind == "gsm8k":
+            np_, ng = _normalize_gsm8k(pred), _normalize_gsm8k(gold)
+            if np_ == "" or ng == "":
+                return False
+            vp, vg = _to_number(np_), _to_number(ng)
+            if vp is not None and vg is not None:
+                return vp == vg or abs(vp - vg) < Fraction(1, 1000)
+            return _equiv_norm(_normalize_math(pred), _normalize_math(gold), "gsm8k")
+        np_, ng = _normalize_math(pred), _normalize_math(gold)
+        if np_ == "" or ng == "":
+            return False
+        return _equiv_norm(np_, ng, "math")
+    except Exception:
+        return False
+
+
+@dataclass(frozen=True)
+class Grade:
+    """Result of grading one model output: the extracted answer and whether it is correct.
+
+    >>> Grade("42", True).correct
+    True
+    """
+
+    extracted: str | None
+    correct: bool
+
+
+def grade(output: str, gold: str, dataset: str = "gsm8k") -> Grade:
+    """Extract the answer from a model ``output`` and compare it with the ``gold`` answer.
+
+    ``gold`` is the gold *answer*; a full GSM8K solution (``... #### 18``) or a boxed MATH
+    solution is accepted too and reduced with :func:`extract_gold`.
+
+    >>> grade("9 * 2 = 18 dollars. The answer is 18.", "18")
+    Grade(extracted='18', correct=True)
+    >>> grade(r"Hence $\\boxed{\\dfrac{3}{4}}$.", "3/4", "math").correct
+    True
+    >>> grade(None, "3")
+    Grade(extracted=None, correct=False)
+    """
+    try:
+        extracted = extract_answer(output, dataset)
+        try:
+            g = "" if gold is None else str(gold)
+            if _kind(dataset) == "gsm8k":
+                if "####" in g:
+                    g = extract_gold(g, dataset)
+            elif "\\boxed" in g or "\\fbox" in g:
+                g = last_boxed(g) or g
+        except Exception:
+            g = None
+        correct = bool(is_equiv(extracted, g, dataset)) if g is not None else False
+        return Grade(extracted, correct)
+    except Exception:
+        return Grade(None, False)

@@ -1,0 +1,144 @@
+"""The one place that knows the TokenSkip prompt format.
+
+Training data, evaluation and serving all call these functions, so the γ marker is
+placed identically everywhere (SPEC §3-4):
+
+* user turn, γ < 1: ``{INSTRUCTION}\\n{question}{SEPARATOR}{γ}{SEPARATOR}``
+* user turn, γ = 1 (or no γ): ``{INSTRUCTION}\\n{question}`` (no marker)
+* target: ``{cot}\\n\\nThe final answer is: $\\boxed{answer}$``
+
+The separator is the literal text ``<|eot_id|>`` for every model family. Chat formatting
+goes through the tokenizer's own chat template (which adds e.g. Qwen's default system
+prompt), never a hand-written per-family format.
+
+>>> user_content("What is 2+3?", 0.5)
+'Please reason step by step, and put your final answer within \\\\boxed{}.\\nWhat is 2+3?<|eot_id|>0.5<|eot_id|>'
+>>> user_content("What is 2+3?", 1.0) == user_content("What is 2+3?")
+True
+>>> build_target("2+3=5", "5")
+'2+3=5\\n\\nThe final answer is: $\\\\boxed{5}$'
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+SEPARATOR = "<|eot_id|>"
+ANSWER_PREFIX = "The final answer is: "
+
+# Prompt-based compression baselines (SPEC §4), keyed by a short name.
+BASELINE_PROMPTS: dict[str, str] = {
+    "concise": "Be concise.",
+    "numbers_only": "Only use numbers or equations.",
+    "abbreviate": "Abbreviate words as much as possible.",
+    "reduce_50": "Please reduce 50% of the words in your Chain-of-Thought process.",
+}
+
+_MARKER_RE = re.compile(re.escape(SEPARATOR) + r"\s*([0-9]*\.?[0-9]+)\s*" + re.escape(SEPARATOR) + r"\s*$")
+
+
+def format_ratio(ratio: float) -> str:
+    """γ as it appears in the marker: the shortest decimal (``0.5``, ``0.75``).
+
+    >>> format_ratio(0.5), format_ratio(0.70000001), format_ratio(1)
+    ('0.5', '0.7', '1.0')
+    """
+    from tokenskip.config import check_ratio
+
+    r = round(check_ratio(ratio), 4)
+    text = f"{r:.4f}".rstrip("0")
+    return text + "0" if text.endswith(".") else text
+
+
+def has_marker(ratio: float | None) -> bool:
+    """Whether a γ gets a marker (only γ < 1 does)."""
+    if ratio is None:
+        return False
+    from tokenskip.config import check_ratio
+
+    return check_ratio(ratio) < 1.0
+
+
+def user_content(question: str, ratio: float | None = None, extra_instruction: str | None = None) -> str:
+    """The user turn for a question at compression ratio γ.
+
+    ``extra_instruction`` appends a prompting baseline (e.g. "Be concise.") to the
+    instruction; it is used only by the prompt-compression baselines.
+
+    >>> user_content("Q", extra_instruction="Be concise.")
+    'Please reason step by step, and put your final answer within \\\\boxed{}. Be concise.\\nQ'
+    """
+    if question is None:
+        raise ValueError("question must be a string, got None")
+    instruction = INSTRUCTION if not extra_instruction else f"{INSTRUCTION} {extra_instruction.strip()}"
+    text = f"{instruction}\n{question}"
+    if has_marker(ratio):
+        text += f"{SEPARATOR}{format_ratio(ratio)}{SEPARATOR}"
+    return text
+
+
+def build_messages(question: str, ratio: float | None = None, extra_instruction: str | None = None) -> list[dict[str, str]]:
+    """Chat messages (one user turn) for a question and γ.
+
+    >>> build_messages("Q", 0.6)[0]["role"]
+    'user'
+    """
+    return [{"role": "user", "content": user_content(question, ratio, extra_instruction)}]
+
+
+def answer_sentence(answer: str) -> str:
+    """>>> answer_sentence("18")
+    'The final answer is: $\\\\boxed{18}$'
+    """
+    return f"{ANSWER_PREFIX}$\\boxed{{{answer}}}$"
+
+
+def build_target(cot: str, answer: str) -> str:
+    """Training completion: the (possibly pruned) CoT, then the answer sentence."""
+    return f"{cot.rstrip()}\n\n{answer_sentence(answer)}"
+
+
+def split_marker(text: str) -> tuple[str, float | None]:
+    """Inverse of the marker: (question text, γ or None).
+
+    >>> split_marker("Q<|eot_id|>0.6<|eot_id|>")
+    ('Q', 0.6)
+    >>> split_marker("Q")
+    ('Q', None)
+    """
+    m = _MARKER_RE.search(text)
+    if not m:
+        return text, None
+    return text[: m.start()], float(m.group(1))
+
+
+def render_prompt(tokenizer: Any, question: str, ratio: float | None = None, extra_instruction: str | None = None) -> str:
+    """The full prompt string through the model's own chat template."""
+    return render_messages(tokenizer, build_messages(question, ratio, extra_instruction))
+
+
+def render_messages(tokenizer: Any, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+    # A tokenizer without a template (a bare base model): plain text, still one place.
+    body = "\n\n".join(m["content"] for m in messages)
+    return body + ("\n\n" if add_generation_prompt else "")
+
+
+def render_training_pair(tokenizer: Any, question: str, ratio: float | None, cot: str, answer: str) -> tuple[str, str]:
+    """(prompt, completion) exactly as the chat template lays out the whole conversation.
+
+    The completion is the template's rendering of the assistant turn (so it ends with the
+    template's end-of-turn token), found as the suffix after the generation prompt.
+    """
+    messages = build_messages(question, ratio)
+    prompt = render_messages(tokenizer, messages)
+    target = build_target(cot, answer)
+    if getattr(tokenizer, "chat_template", None):
+        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": target}], tokenize=False)
+        if full.startswith(prompt):
+            return prompt, full[len(prompt):]
+    eos = getattr(tokenizer, "eos_token", None) or ""
+    return prompt, target + eos

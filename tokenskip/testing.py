@@ -1,0 +1,65 @@
+"""Tiny randomly initialised models built from the real embedded tokenizers (seconds, no
+download), for fast tests: a Llama-style causal LM with head dim 64 (vLLM's CPU backend
+rejects head size 16) and a BERT token classifier.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tokenskip import assets
+
+
+def build_tiny_llama(out_dir: str | os.PathLike, hidden: int = 128, layers: int = 2, seed: int = 0) -> Path:
+    """A 2-layer Llama with the SmolLM2 tokenizer and chat template; head dim 64."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = Path(out_dir)
+    if (out / "config.json").is_file():
+        return out
+    src = assets.ensure_smollm2()
+    tok = AutoTokenizer.from_pretrained(src)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+        num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, head_dim=64,
+        max_position_embeddings=4096, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id, tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(cfg).to(torch.float32)
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def build_tiny_bert_classifier(out_dir: str | os.PathLike, hidden: int = 64, layers: int = 2, seed: int = 0,
+                               from_minilm: bool = False) -> Path:
+    """A BERT token classifier (2 labels) with the MiniLM WordPiece tokenizer.
+
+    ``from_minilm=True`` uses the real MiniLM encoder weights with a fresh (seeded)
+    2-label head instead of a tiny random encoder.
+    """
+    import torch
+    from transformers import AutoModelForTokenClassification, AutoTokenizer, BertConfig, BertForTokenClassification
+
+    out = Path(out_dir)
+    if (out / "config.json").is_file():
+        return out
+    src = assets.minilm_path()
+    tok = AutoTokenizer.from_pretrained(src)
+    torch.manual_seed(seed)
+    if from_minilm:
+        model = AutoModelForTokenClassification.from_pretrained(src, num_labels=2)
+    else:
+        cfg = BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                         intermediate_size=hidden * 2, max_position_embeddings=512, num_labels=2)
+        model = BertForTokenClassification(cfg)
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
