@@ -61,3 +61,12 @@ def ray_local(tmp_path_factory):
     init_ray({"num_cpus": 4, "_temp_dir": str(tmp_path_factory.mktemp("ray"))}, force_local=True)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tiny_llama, fixtures_dir) -> tuple[str, str]:
+    """Two different random LoRA adapters for the tiny Llama."""
+    from tokenskip.testing import build_tiny_adapter
+
+    return (str(build_tiny_adapter(tiny_llama, fixtures_dir / "tiny-adapter-a", seed=1)),
+            str(build_tiny_adapter(tiny_llama, fixtures_dir / "tiny-adapter-b", seed=2)))

@@ -124,6 +124,7 @@ class GenerateConfig:
     engine_kwargs: dict = field(default_factory=dict, metadata={"help": "passed to vllm.LLM / vLLMEngineProcessorConfig as-is"})
     backend: str = field(default="auto", metadata={"help": "auto | ray_data_llm | vllm_udf"})
     max_prompt_tokens: int | None = field(default=None, metadata={"help": "reject prompts longer than this (None: model limit - max_new_tokens)"})
+    placement_group_config: dict | None = field(default=None, metadata={"help": "ray_data_llm backend: vLLMEngineProcessorConfig.placement_group_config as-is"})
 
     def __post_init__(self) -> None:
         _positive(self, "batch_size", "shard_rows", "concurrency")
@@ -179,6 +180,7 @@ class BuildSFTConfig:
     val_fraction: float = 0.05
     format: str = field(default="parquet", metadata={"help": "parquet | jsonl"})
     target_tokenizer: str = "smollm2-135m-instruct"
+    cots_dir: str | None = field(default=None, metadata={"help": "selected-CoTs stage directory (None: <output_dir>/../cots)"})
 
     def __post_init__(self) -> None:
         _choice(self, "cot_source", ("generated", "gold"))
@@ -266,14 +268,18 @@ class EvalConfig:
     baselines: list[str] = field(default_factory=lambda: ["original", "prompt", "truncation"])
     latency_samples: int = field(default=8, metadata={"help": "questions timed one at a time (batch size 1)"})
     engine_kwargs: dict = field(default_factory=dict)
-    num_gpus: float = 0.0
+    num_gpus: float = field(default=0.0, metadata={"help": "GPUs for the evaluation task (>0: runs inside a Ray task on a GPU node)"})
     num_cpus: float = 1.0
+    placement: str = field(default="auto", metadata={"help": "auto (Ray task when RAY_ADDRESS is set or num_gpus > 0, else the driver) | driver | ray"})
     seed: int = 0
 
     def __post_init__(self) -> None:
         if not self.ratios:
             raise ConfigError("eval.ratios must not be empty")
         self.ratios = [check_ratio(r, f"eval.ratios[{i}]") for i, r in enumerate(self.ratios)]
+        if len(set(self.ratios)) != len(self.ratios):
+            raise ConfigError(f"eval.ratios has duplicates: {self.ratios}")
+        _choice(self, "placement", ("auto", "driver", "ray"))
         _positive(self, "limit", "max_new_tokens", allow_none=True)
         _nonneg(self, "latency_samples", "num_gpus", "num_cpus")
         bad = set(self.baselines) - {"original", "prompt", "truncation"}
@@ -478,9 +484,10 @@ def stage_config(pipe: PipelineConfig, stage: str) -> Any:
     if getattr(cfg, "output_dir", None) is None:
         cfg.output_dir = f"{run}/{stage}"
     if stage == "prune" and cfg.input is None:
-        cfg.input = f"{run}/generate" if pipe.build_sft.cot_source == "generated" else f"{run}/cots"
+        cfg.input = f"{run}/cots"
     if stage == "build_sft":
         cfg.generations = cfg.generations or f"{run}/generate"
+        cfg.data = cfg.data if cfg.data != DataSourceConfig() else pipe.generate.data
         cfg.pruned = cfg.pruned or f"{run}/prune"
     if stage == "train" and cfg.dataset is None:
         cfg.dataset = f"{run}/build_sft"

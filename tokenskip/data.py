@@ -185,8 +185,9 @@ def load_questions(name: str, split: str = "train", *, kind: str | None = None, 
     return LoadResult(rows, rejects)
 
 
-def load_from_config(cfg: Any, lenient: bool = False) -> LoadResult:
-    """Load from a :class:`tokenskip.config.DataSourceConfig`."""
+def load_from_config(cfg: Any, lenient: bool = True) -> LoadResult:
+    """Load from a :class:`tokenskip.config.DataSourceConfig` (stages load leniently:
+    bad rows go to their rejects file instead of stopping the job)."""
     return load_questions(cfg.name, cfg.split, kind=cfg.kind, limit=cfg.limit, offset=cfg.offset,
                           subset=cfg.subset, fields=cfg.fields, lenient=lenient)
 

@@ -63,3 +63,29 @@ def build_tiny_bert_classifier(out_dir: str | os.PathLike, hidden: int = 64, lay
     tok.save_pretrained(tmp)
     os.replace(tmp, out)
     return out
+
+
+def build_tiny_adapter(base_dir: str | os.PathLike, out_dir: str | os.PathLike, seed: int = 0, r: int = 8) -> Path:
+    """A random (non-zero) PEFT LoRA adapter on all linear layers of ``base_dir``.
+
+    LoRA B is initialised to zero by PEFT; it is filled with noise here so the adapter
+    visibly changes outputs (tests can tell which adapter answered).
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out_dir)
+    if (out / "adapter_config.json").is_file():
+        return out
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", lora_dropout=0.0))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5)
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    peft_model.save_pretrained(str(tmp))
+    os.replace(tmp, out)
+    return out
