@@ -10,9 +10,11 @@ Design rules:
 * No public function ever raises: on any input (``None`` included) they return
   ``None`` / ``False`` / ``""`` instead.
 * No ``signal`` based timeouts (Ray and Serve workers are not the main thread).  sympy is
-  bounded instead: expressions are length-limited, parsed with ``evaluate=False`` and only
-  evaluated numerically (``evalf``) at a few sample points, which has no unbounded
-  simplification step; results are memoised.
+  bounded instead: expressions are length-limited (160 chars / 120 tokens), parsed with
+  ``evaluate=False`` and only evaluated numerically (``evalf``) at a few sample points --
+  there is no ``simplify``.  Before ``evalf`` a plain-float probe refuses anything that could
+  be slow (integer powers above 2000, towers, overflow); one ``is_equiv`` call makes at most
+  64 sympy checks and spends at most ~0.5 s of wall time per check; results are memoised.
 * The LaTeX to sympy translation is done here by a small recursive-descent converter whose
   output only contains numbers, single-letter symbols, whitelisted function names and
   arithmetic operators, so the string handed to ``parse_expr`` is always safe to evaluate.
@@ -20,10 +22,13 @@ Design rules:
 
 from __future__ import annotations
 
+import cmath
 import math
 import random
 import re
 import threading
+import time
+from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
@@ -46,11 +51,31 @@ __all__ = [
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
 
 
+def _brace_matches(text: str) -> dict[int, int]:
+    """Map each opening brace to its closing brace (backslash-escaped braces are skipped)."""
+    matches: dict[int, int] = {}
+    stack: list[int] = []
+    k = 0
+    n = len(text)
+    while k < n:
+        c = text[k]
+        if c == "\\":
+            k += 2
+            continue
+        if c == "{":
+            stack.append(k)
+        elif c == "}" and stack:
+            matches[stack.pop()] = k
+        k += 1
+    return matches
+
+
 def _boxed_spans(text: str) -> list[tuple[int, int, str]]:
-    """Top-level ``\\boxed``/``\\fbox`` occurrences as (start, end, content)."""
+    """Top-level ``\\boxed``/``\\fbox`` occurrences as (start, end, content). Linear time."""
     spans: list[tuple[int, int, str]] = []
     n = len(text)
     pos = 0
+    matches: dict[int, int] | None = None
     while True:
         m = _BOX_RE.search(text, pos)
         if m is None:
@@ -59,31 +84,18 @@ def _boxed_spans(text: str) -> list[tuple[int, int, str]]:
         while j < n and text[j] in " \t":
             j += 1
         if j < n and text[j] == "{":
-            depth = 0
-            k = j
-            end = -1
-            while k < n:
-                c = text[k]
-                if c == "\\":
-                    k += 2  # an escaped character (\{, \}, \\) never changes the depth
-                    continue
-                if c == "{":
-                    depth += 1
-                elif c == "}":
-                    depth -= 1
-                    if depth == 0:
-                        end = k
-                        break
-                k += 1
+            if matches is None:
+                matches = _brace_matches(text)
+            end = matches.get(j, -1)
             if end < 0:  # unbalanced: ignore this box, look for a later one
                 pos = m.end()
                 continue
             spans.append((m.start(), end + 1, text[j + 1 : end]))
             pos = end + 1
         else:
-            # "\boxed 5" form: the argument runs to the next space / dollar sign.
+            # "\\boxed 5" form: the argument runs to the next space / dollar sign.
             k = j
-            while k < n and not text[k].isspace() and text[k] not in "$":
+            while k < n and not text[k].isspace() and text[k] != "$":
                 k += 1
             if k > j:
                 spans.append((m.start(), k, text[j:k]))
@@ -256,7 +268,7 @@ _SENTINEL = "\ue000"
 _ROWSEP = "\ue001"
 
 
-def _read_arg(s: str, i: int) -> tuple[str, int] | None:
+def _read_arg(s: str, i: int, matches: dict[int, int]) -> tuple[str, int] | None:
     """A LaTeX macro argument at ``s[i:]``: a balanced {group} (inner text) or a single char."""
     n = len(s)
     while i < n and s[i] == " ":
@@ -264,21 +276,10 @@ def _read_arg(s: str, i: int) -> tuple[str, int] | None:
     if i >= n:
         return None
     if s[i] == "{":
-        depth = 0
-        k = i
-        while k < n:
-            c = s[k]
-            if c == "\\":
-                k += 2
-                continue
-            if c == "{":
-                depth += 1
-            elif c == "}":
-                depth -= 1
-                if depth == 0:
-                    return s[i + 1 : k], k + 1
-            k += 1
-        return None
+        k = matches.get(i, -1)
+        if k < 0:
+            return None
+        return s[i + 1 : k], k + 1
     if s[i] == "\\":
         m = re.match(r"\\[a-zA-Z]+", s[i:])
         if m:
@@ -295,6 +296,7 @@ def _fix_macro_args(s: str, macro: str, nargs: int) -> str:
         return s
     out = []
     i = 0
+    matches = _brace_matches(s)
     pat = re.compile(re.escape(macro) + r"(?![a-zA-Z])")
     while True:
         m = pat.search(s, i)
@@ -317,7 +319,7 @@ def _fix_macro_args(s: str, macro: str, nargs: int) -> str:
         args = []
         k = j
         for _ in range(nargs):
-            a = _read_arg(s, k)
+            a = _read_arg(s, k, matches)
             if a is None:
                 break
             args.append(a[0])
@@ -371,10 +373,7 @@ def _normalize_math_cached(s: str) -> str:
 
 
 def _normalize_math_impl(s: str) -> str:
-    s = str(s).strip()
-    if len(s) > 2000:
-        s = s[:2000]
-    s = re.sub(r"\s+", " ", s)
+    s = re.sub(r"\s+", " ", str(s)).strip()
     for k, v in _UNICODE.items():
         if k in s:
             s = s.replace(k, v)
@@ -397,7 +396,8 @@ def _normalize_math_impl(s: str) -> str:
     s = s.replace("\\%", "").replace("%", "")
     s = re.sub(r"\bdegrees?\b", "", s) if re.search(r"\d", s) else s
     for _ in range(2):
-        new = _TRAILING_UNIT_RE.sub("", s)
+        head, tail = s[:-60], s[-60:]
+        new = head + _TRAILING_UNIT_RE.sub("", tail)
         if not new.strip():
             break
         s = new
@@ -660,6 +660,20 @@ def _matrix(s: str):
 def _unordered_match(xs: list[str], ys: list[str], kind: str, depth: int) -> bool:
     if len(xs) != len(ys):
         return False
+    # exact matches first (cheap), then pairwise equivalence on the few left over
+    pool = Counter(ys)
+    rest_x = []
+    for x in xs:
+        if pool[x] > 0:
+            pool[x] -= 1
+        else:
+            rest_x.append(x)
+    rest_y = list(pool.elements())
+    if not rest_x:
+        return True
+    if len(rest_x) > 12:
+        return False
+    xs, ys = rest_x, rest_y
     used = [False] * len(ys)
     for x in xs:
         for j, y in enumerate(ys):
@@ -669,6 +683,17 @@ def _unordered_match(xs: list[str], ys: list[str], kind: str, depth: int) -> boo
         else:
             return False
     return True
+
+
+_MAX_ELEMENTWISE = 64  # longer tuples / matrices must match element strings exactly
+
+
+def _ordered_match(xs: list[str], ys: list[str], kind: str, depth: int) -> bool:
+    if len(xs) != len(ys):
+        return False
+    if len(xs) > _MAX_ELEMENTWISE:
+        return xs == ys
+    return all(_equiv_norm(x, y, kind, depth + 1) for x, y in zip(xs, ys))
 
 
 def _expand_pm(s: str):
@@ -688,17 +713,15 @@ def _equiv_norm(a: str, b: str, kind: str, depth: int = 0) -> bool:
     if ma is not None or mb is not None:
         if ma is None or mb is None or len(ma) != len(mb) or any(len(x) != len(y) for x, y in zip(ma, mb)):
             return False
-        return all(
-            _equiv_norm(_normalize_math(x), _normalize_math(y), kind, depth + 1)
-            for ra, rb in zip(ma, mb)
-            for x, y in zip(ra, rb)
-        )
+        cells_a = [_normalize_math(x) for row in ma for x in row]
+        cells_b = [_normalize_math(y) for row in mb for y in row]
+        return _ordered_match(cells_a, cells_b, kind, depth)
     # unions of intervals
     if "\\cup" in a or "\\cup" in b:
         pa, pb = _split_top(a, "\\cup"), _split_top(b, "\\cup")
         if len(pa) != len(pb) or len(pa) < 2:
             return False
-        return all(_equiv_norm(x, y, kind, depth + 1) for x, y in zip(pa, pb))
+        return _ordered_match(pa, pb, kind, depth)
     # \pm
     pma, pmb = _expand_pm(a), _expand_pm(b)
     if pma is not None or pmb is not None:
@@ -717,8 +740,7 @@ def _equiv_norm(a: str, b: str, kind: str, depth: int = 0) -> bool:
                 return _unordered_match(_split_top(ga[1]), _split_top(gb[1]), kind, depth)
             if ga[0] != gb[0] or ga[2] != gb[2]:
                 return False
-            xs, ys = _split_top(ga[1]), _split_top(gb[1])
-            return len(xs) == len(ys) and all(_equiv_norm(x, y, kind, depth + 1) for x, y in zip(xs, ys))
+            return _ordered_match(_split_top(ga[1]), _split_top(gb[1]), kind, depth)
         # "(1,2)" vs "1,2": same ordered elements; a set vs a bare list: same elements
         g, other = (ga, b) if ta else (gb, a)
         ys = _split_top(other)
@@ -729,7 +751,7 @@ def _equiv_norm(a: str, b: str, kind: str, depth: int = 0) -> bool:
             return _unordered_match(xs, ys, kind, depth)
         if g[0] != "(" or g[2] != ")":
             return False
-        return len(xs) == len(ys) and all(_equiv_norm(x, y, kind, depth + 1) for x, y in zip(xs, ys))
+        return _ordered_match(xs, ys, kind, depth)
     # bare comma-separated lists (e.g. all solutions): order does not matter
     la, lb = _split_top(a), _split_top(b)
     if len(la) > 1 or len(lb) > 1:
@@ -778,7 +800,6 @@ _FUNCS = {
     "\\ln": "log",
     "\\exp": "exp",
 }
-_PLAIN_FUNCS = {"sqrt", "sin", "cos", "tan", "cot", "sec", "csc", "log", "ln", "exp"}
 _CONSTS = {"\\pi": "pi", "\\infty": "oo", "\\infinity": "oo"}
 _MUL = {"\\cdot", "\\times", "*"}
 _DIV = {"\\div", "/"}
@@ -1006,12 +1027,76 @@ def _to_sympy_string(s: str) -> str:
 
 
 _SAMPLE_SEEDS = (1, 2, 3)
+_SYMPY_BUDGET_S = 0.5  # wall-clock budget across sample points (each point is pre-bounded)
 
 
 def _numeric_close(x: complex, y: complex) -> bool:
     if not (math.isfinite(x.real) and math.isfinite(x.imag) and math.isfinite(y.real) and math.isfinite(y.imag)):
         return x == y
     return abs(x - y) <= 1e-9 * max(1.0, abs(x), abs(y))
+
+
+_MAX_INT_EXPONENT = 2000
+_CMATH_FUNCS = {
+    "sin": cmath.sin,
+    "cos": cmath.cos,
+    "tan": cmath.tan,
+    "cot": lambda z: 1 / cmath.tan(z),
+    "sec": lambda z: 1 / cmath.cos(z),
+    "csc": lambda z: 1 / cmath.sin(z),
+    "asin": cmath.asin,
+    "acos": cmath.acos,
+    "atan": cmath.atan,
+    "sinh": cmath.sinh,
+    "cosh": cmath.cosh,
+    "tanh": cmath.tanh,
+    "log": cmath.log,
+    "exp": cmath.exp,
+}
+
+
+def _float_probe(e, subs: dict, budget: list) -> complex:
+    """Evaluate ``e`` in plain complex floats, raising _Refuse where sympy's exact ``evalf``
+    could take unbounded time (huge integer powers, towers, overflow).  This is the time
+    limit of the sympy fallback: nothing reaches ``evalf`` unless this probe is cheap."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _Refuse
+    try:
+        if e.is_Symbol:
+            return subs[e]
+        if e.is_Number:
+            if e.is_Integer and abs(int(e)) > 10**300:
+                raise _Refuse
+            return complex(float(e))
+        if e.is_NumberSymbol:
+            return complex(float(e))
+        if type(e).__name__ == "ImaginaryUnit":
+            return 1j
+        if e.is_Add:
+            return sum((_float_probe(a, subs, budget) for a in e.args), 0j)
+        if e.is_Mul:
+            out = 1 + 0j
+            for a in e.args:
+                out *= _float_probe(a, subs, budget)
+            return out
+        if e.is_Pow:
+            base = _float_probe(e.args[0], subs, budget)
+            ex = _float_probe(e.args[1], subs, budget)
+            if abs(ex) > _MAX_INT_EXPONENT:
+                raise _Refuse
+            if base == 0:
+                return 0j if ex.real > 0 else complex("nan")
+            return base**ex
+        name = getattr(getattr(e, "func", None), "__name__", "")
+        if name in _CMATH_FUNCS and len(e.args) == 1:
+            arg = _float_probe(e.args[0], subs, budget)
+            if abs(arg) > 1e6:
+                raise _Refuse
+            return _CMATH_FUNCS[name](arg)
+    except (OverflowError, ZeroDivisionError, ValueError):
+        raise _Refuse from None
+    raise _Refuse
 
 
 def _exprs_equal(xa, xb, ns) -> bool:
@@ -1021,9 +1106,17 @@ def _exprs_equal(xa, xb, ns) -> bool:
         return False
     valid = 0
     points = _SAMPLE_SEEDS if syms else (0,)
+    started = time.perf_counter()
     for seed in points:
+        if time.perf_counter() - started > _SYMPY_BUDGET_S:
+            return False
         rng = random.Random(seed * 7919 + len(syms))
         subs = {v: sympy.Float(round(rng.uniform(0.31, 2.37), 6)) for v in syms}
+        fsubs = {v: complex(float(x)) for v, x in subs.items()}
+        for x in (xa, xb):
+            probe = _float_probe(x, fsubs, [400])  # raises _Refuse: too costly for evalf
+            if not (math.isfinite(probe.real) and math.isfinite(probe.imag)) and not math.isnan(probe.real):
+                raise _Refuse
         try:
             va = complex(xa.evalf(30, subs=subs))
             vb = complex(xb.evalf(30, subs=subs))
@@ -1046,9 +1139,17 @@ def _parse(expr: str, ns):
     )
 
 
+_SYMPY_CALLS_PER_COMPARISON = 64
+_budget = threading.local()
+
+
 def _sympy_equiv(a: str, b: str) -> bool:
     if len(a) > _SYMPY_MAX_CHARS or len(b) > _SYMPY_MAX_CHARS:
         return False
+    left = getattr(_budget, "calls_left", _SYMPY_CALLS_PER_COMPARISON)
+    if left <= 0:  # one is_equiv() may not fan out into unbounded sympy work
+        return False
+    _budget.calls_left = left - 1
     return _sympy_equiv_cached(a, b)
 
 
@@ -1073,7 +1174,7 @@ def _sympy_equiv_cached(a: str, b: str) -> bool:
         if _exprs_equal(xa, xb, ns):
             return True
         if ca == 1:  # the same equation written the other way round
-            return _exprs_equal(xa, -xb, ns)
+            return _exprs_equal(xa, ns["sympy"].Mul(-1, xb, evaluate=False), ns)
         return False
     except _Refuse:
         return False
@@ -1099,6 +1200,7 @@ def is_equiv(pred: str | None, gold: str | None, dataset: str = "gsm8k") -> bool
             return False
         pred, gold = str(pred), str(gold)
         kind = _kind(dataset)
+        _budget.calls_left = _SYMPY_CALLS_PER_COMPARISON
         if kind == "gsm8k":
             np_, ng = _normalize_gsm8k(pred), _normalize_gsm8k(gold)
             if np_ == "" or ng == "":
