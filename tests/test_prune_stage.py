@@ -1,0 +1,90 @@
+"""Prune stage on a local Ray cluster: lazy stage, run_prune + manifest, CLI, configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tokenskip import artifacts
+from tokenskip.config import PruneConfig, load_any
+
+ROOT = Path(__file__).resolve().parents[1]
+RATIOS = [0.9, 0.7, 0.5]
+
+
+def test_shipped_prune_configs_load():
+    files = sorted((ROOT / "configs" / "prune").glob("*.yaml"))
+    assert {f.name for f in files} >= {"gsm8k-llmlingua2.yaml", "local-selfinfo.yaml"}
+    for f in files:
+        cfg = load_any(f)
+        assert isinstance(cfg, PruneConfig)
+        assert "ray job submit" in f.read_text().split("kind:")[0]
+    with pytest.raises(ValueError, match="1.5"):
+        PruneConfig(ratios=[0.5, 1.5])
+
+
+@pytest.fixture(scope="module")
+def cots_file(tmp_path_factory) -> Path:
+    from tokenskip.data import load_questions
+
+    rows = [{"id": r["id"], "cot": r["solution"]} for r in load_questions("gsm8k", "train").rows[:10]]
+    rows += [{"id": "empty", "cot": ""}, {"id": "bad", "cot": None}, {"id": None, "cot": "x"}]
+    path = tmp_path_factory.mktemp("prune-in") / "cots.jsonl"
+    artifacts.write_rows(path, rows, "jsonl")
+    return path
+
+
+@pytest.mark.integration
+def test_run_prune_self_info(ray_local, tiny_llama, cots_file, tmp_path):
+    cfg = PruneConfig(input=str(cots_file), output_dir=str(tmp_path / "prune"), scorer="self_info", scorer_model=tiny_llama,
+                      target_tokenizer=tiny_llama, ratios=RATIOS, force_reserve_digit=True, batch_size=4, device="cpu")
+    from pipelines.prune import run_prune
+
+    m = run_prune(cfg)
+    assert m["counts"] == {"total": 13, "pruned": 11, "rows": 33, "rejected": 2}
+    rows = artifacts.read_rows(tmp_path / "prune")
+    assert set(rows[0]) >= {"id", "ratio", "pruned", "cot_tokens", "pruned_tokens", "actual_ratio"}
+    by = {(r["id"], r["ratio"]): r for r in rows}
+    assert all(by[("empty", r)]["pruned"] == "" and by[("empty", r)]["cot_tokens"] == 0 for r in RATIOS)
+    real = [r for r in rows if r["id"] != "empty"]
+    assert all(0 < r["actual_ratio"] <= 1 and isinstance(r["ratio"], float) for r in real)
+    assert m["per_ratio"]["0.5"]["token_ratio"] < m["per_ratio"]["0.9"]["token_ratio"] < 1
+    rejects = artifacts.read_rows(tmp_path / "prune" / "rejects.jsonl")
+    assert any("'cot' must be a string" in r["reason"] for r in rejects)
+    # finished: a re-run returns the manifest without recomputing
+    again = run_prune(cfg)
+    assert again["finished_at"] == m["finished_at"]
+
+
+@pytest.mark.integration
+def test_prune_stage_is_lazy_and_cli_runs(ray_local, fixtures_dir, cots_file, tmp_path):
+    import ray
+
+    from pipelines.prune import prune_stage
+    from tokenskip.testing import build_tiny_bert_classifier
+
+    clf = str(build_tiny_bert_classifier(fixtures_dir / "tiny-bert-base-multilingual-cased"))
+    cfg = PruneConfig(scorer="llmlingua2", scorer_model=clf, text_field="text", ratios=RATIOS, batch_size=8, device="cpu",
+                      force_tokens=["Step", ":"], force_reserve_digit=True, drop_consecutive=True)
+    ds = ray.data.from_items([{"id": f"q{i}", "text": f"Step {i}: she has {i} apples. So the answer is {i}."} for i in range(6)])
+    staged = prune_stage(ds, cfg)  # lazy: nothing ran yet
+    rows = staged.take_all()
+    assert len(rows) == 18 and {r["ratio"] for r in rows} == set(RATIOS)
+    # the same output as the library called directly
+    from tokenskip.pruning import load_scorer, prune_texts
+
+    direct = prune_texts([f"Step 0: she has 0 apples. So the answer is 0."], RATIOS, load_scorer("llmlingua2", clf, device="cpu"),
+                         ["Step", ":"], True, True)[0]
+    assert {r["ratio"]: r["pruned"] for r in rows if r["id"] == "q0"} == direct
+
+    from tokenskip.cli import main
+
+    cfg_path = tmp_path / "prune.yaml"
+    cfg_path.write_text(f"kind: prune\ninput: {cots_file}\noutput_dir: {tmp_path / 'out'}\nscorer: llmlingua2\n"
+                        f"scorer_model: {clf}\ntarget_tokenizer: minilm-l6\nratios: [0.8, 0.6]\ndevice: cpu\nformat: jsonl\n")
+    assert main(["prune", "--config", str(cfg_path)]) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["counts"]["rows"] == 22 and (tmp_path / "out" / "data.jsonl").is_file()
+    assert main(["prune", "--config", str(cfg_path), "ratios=[1.5]"]) == 2

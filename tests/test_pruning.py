@@ -1,0 +1,192 @@
+"""Pruning engine: parity with llmlingua 0.2.2, the score-once pruner, bad input."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from tokenskip.pruning import TokenCounter, check_ratios, load_scorer, prune_rows, prune_texts
+from tokenskip.pruning.pruner import ChunkWords, join_offsets, keep_masks, merge_words
+
+RATIOS = [0.9, 0.8, 0.7, 0.6, 0.5]
+FORCE = dict(force_tokens=["Step", ":"], force_reserve_digit=True, drop_consecutive=True)
+
+
+@pytest.fixture(scope="module")
+def gsm8k_cots() -> list[str]:
+    from tokenskip.data import load_questions
+
+    return [r["solution"] for r in load_questions("gsm8k", "train").rows[:200]]
+
+
+@pytest.fixture(scope="module")
+def tiny_mbc(fixtures_dir) -> str:
+    """Tiny random BERT classifier in a directory llmlingua accepts (name contains
+    bert-base-multilingual-cased)."""
+    from tokenskip.testing import build_tiny_bert_classifier
+
+    return str(build_tiny_bert_classifier(fixtures_dir / "tiny-bert-base-multilingual-cased"))
+
+
+@pytest.fixture(scope="module")
+def tiny_scorer(tiny_mbc):
+    return load_scorer("llmlingua2", tiny_mbc, device="cpu")
+
+
+def _reference(model_dir: str):
+    from tokenskip import assets
+
+    assets.ensure_tiktoken()
+    from llmlingua import PromptCompressor
+
+    return PromptCompressor(model_dir, device_map="cpu", use_llmlingua2=True)
+
+
+def _parity(model_dir: str, cots: list[str], scorer) -> dict:
+    """Mismatch counts of ours vs llmlingua over (CoT, ratio) pairs, both modes.
+
+    The reference is called with all CoTs as a context list (``use_context_level_filter
+    =False``): llmlingua then compresses each context on its own, exactly as one call per
+    CoT would (checked on a sample below), in a fraction of the time.
+    """
+    pc = _reference(model_dir)
+    out = {}
+    for mode, kw in (("plain", {}), ("force", FORCE)):
+        mine = prune_texts(cots, RATIOS, scorer, **kw)
+        bad = []
+        for r in RATIOS:
+            ref = pc.compress_prompt(cots, rate=r, use_context_level_filter=False, **kw)["compressed_prompt_list"]
+            bad += [(i, r, a, m[r]) for i, (a, m) in enumerate(zip(ref, mine)) if a != m[r]]
+        for i in range(0, len(cots), max(1, len(cots) // 4)):  # the per-CoT reference call pattern
+            single = pc.compress_prompt(cots[i], rate=0.7, **kw)["compressed_prompt"]
+            assert single == mine[i][0.7], (mode, i, single, mine[i][0.7])
+        out[mode] = bad
+    return out
+
+
+def test_parity_tiny_classifier_200_cots(tiny_mbc, tiny_scorer, gsm8k_cots):
+    assert len(gsm8k_cots) >= 200
+    res = _parity(tiny_mbc, gsm8k_cots, tiny_scorer)
+    total = len(gsm8k_cots) * len(RATIOS)
+    for mode, bad in res.items():
+        assert len(bad) <= 0.01 * total, f"{mode}: {len(bad)}/{total} differ, e.g. {bad[:2]}"
+
+
+@pytest.mark.slow
+def test_parity_minilm_classifier_200_cots(fixtures_dir, gsm8k_cots):
+    from tokenskip.testing import build_tiny_bert_classifier
+
+    d = str(build_tiny_bert_classifier(fixtures_dir / "minilm-as-bert-base-multilingual-cased", from_minilm=True))
+    res = _parity(d, gsm8k_cots, load_scorer("llmlingua2", d, device="cpu"))
+    total = len(gsm8k_cots) * len(RATIOS)
+    for mode, bad in res.items():
+        print(f"minilm parity {mode}: {total - len(bad)}/{total} identical")
+        assert len(bad) <= 0.01 * total, f"{mode}: {len(bad)}/{total} differ, e.g. {bad[:2]}"
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -0.1, 1.5, float("nan"), "x"])
+def test_bad_ratio_is_value_error_naming_it(bad, tiny_scorer):
+    with pytest.raises(ValueError, match=re.escape(repr(bad)) if not isinstance(bad, float) or bad == bad else "nan"):
+        prune_texts(["a b c."], [0.9, bad], tiny_scorer)
+    with pytest.raises(ValueError):
+        check_ratios([])
+
+
+def test_empty_and_whitespace_stay_empty(tiny_scorer):
+    out = prune_texts(["", "   \n ", "Natalia sold 48 clips."], RATIOS + [1.0], tiny_scorer, **FORCE)
+    assert all(out[0][r] == "" for r in RATIOS + [1.0])
+    assert all(out[1][r] == "" for r in RATIOS)
+    assert out[2][0.5] and len(out[2][0.5]) <= len(out[2][0.9])
+    with pytest.raises(TypeError, match=r"texts\[1\]"):
+        prune_texts(["a", 3], [0.5], tiny_scorer)
+
+
+def test_long_nonascii_latex(tiny_scorer, gsm8k_cots):
+    long = "\n".join(gsm8k_cots[:40])  # ~3,000 tokens: several 512-token chunks
+    odd = "Café costs €5 — naïve 日本語 $\\frac{1}{2}x^2 + \\sqrt{3}$ = 7. Then \\boxed{42}."
+    scored = tiny_scorer.score([long, odd])
+    assert len(scored[0].chunks) >= 4
+    assert all(len(c.tokens) <= 512 for c in scored[0].chunks)
+    out = prune_texts([long, odd], RATIOS, tiny_scorer, force_reserve_digit=True)
+    n = [len(out[0][r].split()) for r in RATIOS]
+    assert n == sorted(n, reverse=True) and n[-1] < 0.7 * len(long.split())
+    assert "42" in out[1][0.5] and "7" in out[1][0.5]
+
+
+# --------------------------------------------------------------------------- pruner pieces
+
+
+def test_merge_words_text_family_and_offsets_join():
+    text = "Natalia sold 48/2 = 24 clips.\n\nStep 2: done"
+    pieces, offs, pos = [], [], 0
+    for p in ["N", "atal", "ia", " sold", " ", "4", "8", "/", "2", " =", " ", "2", "4", " clips", ".", "\n\n",
+              "Step", " ", "2", ":", " done"]:
+        pieces.append(p)
+        offs.append((pos, pos + len(p)))
+        pos += len(p)
+    assert "".join(pieces) == text
+    probs = np.linspace(0.1, 0.9, len(pieces)).astype(np.float32)
+    w = merge_words(pieces, probs, "text", ["Step", ":"], None, True, offsets=np.array(offs), text=text, use_spans=True)
+    assert w.words == ["Natalia", "sold", "48", "/", "2", "=", "24", "clips", ".", "Step", "2", ":", "done"]
+    assert float(w.probs[w.words.index("Step")]) == 1.0 and float(w.probs[w.words.index("48")]) == 1.0
+    keep = np.ones(len(w.words), bool)
+    assert join_offsets(text, w.spans, keep) == text
+    keep[[1, 3]] = False
+    assert join_offsets(text, w.spans, keep) == "Natalia 48 2 = 24 clips.\n\nStep 2: done"
+    keep[[4, 6]] = False
+    assert join_offsets(text, w.spans, keep) == "Natalia 48 = clips.\n\nStep 2: done"
+
+
+def test_all_ratios_from_one_threshold_pass_match_separate_calls():
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(300)]
+    cw = ChunkWords(words, rng.random(300).astype(np.float32), np.zeros(300, bool), rng.integers(1, 4, 300),
+                    is_force=np.zeros(300, bool))
+    together = keep_masks(cw, RATIOS)
+    for r in RATIOS:
+        assert (together[r] == keep_masks(cw, [r])[r]).all()
+    kept = [together[r].sum() for r in RATIOS]
+    assert kept == sorted(kept, reverse=True)
+
+
+# --------------------------------------------------------------------------- other scorers / modes
+
+
+def test_self_info_scorer_tiny_llama(tiny_llama, gsm8k_cots):
+    sc = load_scorer("self_info", tiny_llama, device="cpu")
+    cots = gsm8k_cots[:6] + [""]
+    out = prune_texts(cots, RATIOS, sc, force_reserve_digit=True)
+    for cot, o in zip(cots[:6], out):
+        for r in RATIOS:
+            # kept words are cut from the original (punctuation may glue to a kept neighbour)
+            assert all(w in cot for w in re.findall(r"\w+", o[r])), (r, o[r])
+            assert all(w.strip(".,:;") in cot for w in o[r].split()), (r, o[r])
+        # every number survives with force_reserve_digit
+        for num in re.findall(r"\d+", cot):
+            assert num in o[0.5]
+        assert len(o[0.5]) < len(o[0.9]) <= len(cot)
+    assert out[-1] == {r: "" for r in RATIOS}
+    counter = TokenCounter(tiny_llama)
+    rows = prune_rows(["a", "b"], cots[:2], [0.9, 0.5], sc, counter)
+    assert [r["ratio"] for r in rows] == [0.9, 0.5, 0.9, 0.5]
+    for r in rows:
+        assert isinstance(r["cot_tokens"], int) and isinstance(r["actual_ratio"], float)
+        assert r["pruned_tokens"] == counter([r["pruned"]])[0]
+        assert r["actual_ratio"] == pytest.approx(r["pruned_tokens"] / r["cot_tokens"])
+    assert rows[1]["actual_ratio"] < rows[0]["actual_ratio"] <= 1.0
+
+
+def test_no_quirks_mode_keeps_original_text(tiny_mbc, gsm8k_cots):
+    sc = load_scorer("llmlingua2", tiny_mbc, device="cpu", reference_quirks=False)
+    cots = gsm8k_cots[:20]
+    out = prune_texts(cots, RATIOS, sc, **FORCE)
+    for cot, o in zip(cots, out):
+        for r in RATIOS:
+            assert all(w in cot for w in re.findall(r"\w+", o[r]))  # case preserved, cut from the original
+        assert len(o[0.5]) < len(o[0.9])
+    assert sum(c.isupper() for o in out for c in o[0.9]) > 20  # an uncased model, yet the case survives
