@@ -1,0 +1,323 @@
+"""Evaluation stage: the paper's Table 1 for a model and (optionally) a TokenSkip adapter.
+
+One vLLM engine serves every condition (original, TokenSkip γ, prompting baselines);
+the adapter is attached per request (LoRARequest). Per condition: all questions in one
+``llm.generate`` call (batched throughput), then the first ``latency_samples`` questions
+one at a time (latency at batch size 1, the paper's measure). Truncation rows cut the
+original's saved greedy token ids; no generation is needed because a greedy run with a
+smaller ``max_tokens`` returns a prefix of the longer run.
+
+Outputs (``cfg.output_dir``): ``samples/<dataset>/<condition>.jsonl``, ``results.json``,
+``table.md``, ``accuracy_vs_tokens.png``, ``ratio_adherence.png``, then ``manifest.json``.
+Every figure in results.json is recomputed by :mod:`tokenskip.evaluation` from the
+sample rows that are saved.
+
+Inputs are checked before any model loads (:func:`validate`). Placement: on the driver,
+or, with ``placement: ray`` / ``num_gpus > 0`` / a cluster address, inside one Ray task
+holding ``num_gpus`` (so that on a cluster the engine lands on a GPU node; the output dir
+must then be storage that the driver can read too).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from tokenskip import artifacts, assets, evaluation
+from tokenskip.config import EvalConfig, check_ratio
+
+log = logging.getLogger("tokenskip.evaluate")
+
+RESULTS = "results.json"
+TABLE = "table.md"
+PLOTS = ("accuracy_vs_tokens.png", "ratio_adherence.png")
+
+
+class EvalInputError(ValueError):
+    """A bad evaluation input (adapter, ratio, dataset); raised before any model loads."""
+
+
+# --------------------------------------------------------------------------- validation
+
+_LOCAL_HINTS = ("/", "./", "../", "~")
+
+
+def _looks_local(name: str) -> bool:
+    """A string that means a local path rather than a hub id ``owner/name``."""
+    return (name.startswith(_LOCAL_HINTS) or name.lower().endswith((".jsonl", ".json", ".parquet"))
+            or name.count("/") > 1 or os.sep == "\\" and "\\" in name)
+
+
+def check_adapter(path: str) -> dict:
+    """The adapter's ``adapter_config.json``, or :class:`EvalInputError` saying what is wrong."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise EvalInputError(f"eval.adapter: {p} does not exist")
+    if not p.is_dir():
+        raise EvalInputError(f"eval.adapter: {p} is not a directory (expected a PEFT adapter folder)")
+    cfg_file = p / "adapter_config.json"
+    if not cfg_file.is_file():
+        raise EvalInputError(f"eval.adapter: {p} is not a PEFT adapter (no adapter_config.json)")
+    if not any((p / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise EvalInputError(f"eval.adapter: {p} has no adapter weights (adapter_model.safetensors / .bin)")
+    try:
+        meta = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise EvalInputError(f"eval.adapter: {cfg_file} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict) or str(meta.get("peft_type", "LORA")).upper() != "LORA":
+        raise EvalInputError(f"eval.adapter: {cfg_file}: peft_type {meta.get('peft_type')!r} is not LORA (vLLM serves LoRA only)")
+    return meta
+
+
+def check_dataset(name: str, split: str) -> str:
+    """'embedded' | 'file' | 'hub' for a dataset name, or :class:`EvalInputError`."""
+    if assets.is_embedded_dataset(name):
+        splits = assets.EMBEDDED_DATASETS[name]
+        if split not in splits:
+            raise EvalInputError(f"eval.datasets: embedded dataset {name!r} has no split {split!r} (splits: {', '.join(splits)})")
+        return "embedded"
+    p = Path(name).expanduser()
+    if p.is_file():
+        return "file"
+    if _looks_local(name) or p.exists():
+        raise EvalInputError(f"eval.datasets: dataset file not found: {name}")
+    if "/" in name:
+        return "hub"
+    raise EvalInputError(f"eval.datasets: unknown dataset {name!r} (embedded: {', '.join(assets.EMBEDDED_DATASETS)}; "
+                         "or give a .jsonl/.json/.parquet path or a Hugging Face id owner/name)")
+
+
+def validate(cfg: EvalConfig) -> None:
+    """Every check that needs no model: adapter folder, γ grid, dataset names, model path."""
+    for i, r in enumerate(cfg.ratios):
+        try:
+            check_ratio(r, f"eval.ratios[{i}]")
+        except ValueError as e:
+            raise EvalInputError(str(e)) from None
+    if cfg.adapter:
+        check_adapter(cfg.adapter)
+    if not cfg.datasets:
+        raise EvalInputError("eval.datasets must not be empty")
+    for name in cfg.datasets:
+        check_dataset(name, cfg.split)
+    if not assets.is_embedded_model(cfg.model) and _looks_local(cfg.model) and not Path(cfg.model).expanduser().exists():
+        raise EvalInputError(f"eval.model: {cfg.model} does not exist")
+    if not cfg.output_dir:
+        raise EvalInputError("eval.output_dir must be set")
+
+
+# --------------------------------------------------------------------------- entry
+
+
+def _use_ray(cfg: EvalConfig) -> bool:
+    if cfg.placement != "auto":
+        return cfg.placement == "ray"
+    return bool(os.environ.get("RAY_ADDRESS")) or cfg.num_gpus > 0
+
+
+def run_evaluate(cfg: EvalConfig, force: bool = False) -> dict:
+    """Evaluate and return the manifest (an existing finished run is returned as is)."""
+    validate(cfg)
+    out = Path(cfg.output_dir)
+    if artifacts.is_complete(out) and not force:
+        log.info("%s is finished (manifest present); returning it (use --force to re-run)", out)
+        return artifacts.read_manifest(out)
+    artifacts.reset_stage(out)  # a re-run overwrites, never mixes with an older run's samples
+    if _use_ray(cfg):
+        import ray
+
+        from pipelines.common import init_ray
+
+        init_ray()
+        task = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)(evaluate_body)
+        log.info("running the evaluation in a Ray task (num_gpus=%s, num_cpus=%s)", cfg.num_gpus, cfg.num_cpus)
+        return ray.get(task.remote(cfg))
+    return evaluate_body(cfg)
+
+
+# --------------------------------------------------------------------------- body
+
+
+def _load_datasets(cfg: EvalConfig) -> list[dict]:
+    from tokenskip.data import default_max_new_tokens, infer_kind, load_questions
+
+    out = []
+    for name in cfg.datasets:
+        kind = infer_kind(name)
+        rows = load_questions(name, cfg.split, kind=kind, limit=cfg.limit).rows
+        if not rows:
+            raise EvalInputError(f"eval.datasets: {name!r} ({cfg.split}) has no questions")
+        out.append({"name": name, "kind": kind, "rows": rows, "max_new_tokens": cfg.max_new_tokens or default_max_new_tokens(kind)})
+    return out
+
+
+def _max_lora_rank(adapter_meta: dict | None) -> int:
+    r = int((adapter_meta or {}).get("r", 8) or 8)
+    for allowed in (8, 16, 32, 64, 128, 256, 320, 512):
+        if r <= allowed:
+            return max(16, allowed)
+    return r
+
+
+def _generate(llm: Any, prompts: list[str], max_tokens: int, seed: int, lora: Any) -> list[dict]:
+    from tokenskip.engine import sampling_params
+
+    outs = llm.generate(prompts, sampling_params(max_tokens, 0.0, seed), lora_request=lora, use_tqdm=False)
+    return [{"output": o.outputs[0].text, "token_ids": list(o.outputs[0].token_ids), "finish_reason": o.outputs[0].finish_reason}
+            for o in outs]
+
+
+def _time_single(llm: Any, prompts: list[str], max_tokens: int, seed: int, lora: Any, label: str) -> list[float]:
+    times = []
+    for i, p in enumerate(prompts):
+        t0 = time.perf_counter()
+        _generate(llm, [p], max_tokens, seed, lora)
+        times.append(time.perf_counter() - t0)
+        log.info("  %s latency %d/%d: %.2f s", label, i + 1, len(prompts), times[-1])
+    return times
+
+
+def _sample_rows(cond: evaluation.Condition, rows: list[dict], prompts: list[str], gens: list[dict], kind: str) -> list[dict]:
+    from tokenskip.grading import grade
+
+    out = []
+    for row, prompt, g in zip(rows, prompts, gens):
+        gr = grade(g["output"], row["gold"], kind)
+        out.append({"id": row["id"], "condition": cond.id, "ratio": cond.ratio, "question": row["question"], "gold": row["gold"],
+                    "prompt": prompt, "output": g["output"], "extracted": gr.extracted, "correct": gr.correct,
+                    "output_tokens": len(g["token_ids"]), "finish_reason": g["finish_reason"], "token_ids": g["token_ids"]})
+    return out
+
+
+def _truncate(cond: evaluation.Condition, original: list[dict], tokenizer: Any, kind: str) -> list[dict]:
+    from tokenskip.grading import grade
+
+    out = []
+    for s in original:
+        ids = evaluation.truncate_ids(s["token_ids"], cond.ratio)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        gr = grade(text, s["gold"], kind)
+        out.append({**s, "condition": cond.id, "ratio": cond.ratio, "output": text, "extracted": gr.extracted, "correct": gr.correct,
+                    "output_tokens": len(ids), "source_tokens": s["output_tokens"],
+                    "finish_reason": "truncated" if len(ids) < s["output_tokens"] else s["finish_reason"], "token_ids": ids})
+    return out
+
+
+def evaluate_body(cfg: EvalConfig) -> dict:
+    """Generate, grade and write everything; returns the manifest. Runs where it is called."""
+    from tokenskip.engine import build_llm, lora_request
+    from tokenskip.prompt import BASELINE_PROMPTS, render_prompt
+
+    t_start = time.perf_counter()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    adapter_meta = check_adapter(cfg.adapter) if cfg.adapter else None
+    datasets = _load_datasets(cfg)
+    conditions = evaluation.plan_conditions(cfg.ratios, cfg.baselines, BASELINE_PROMPTS)
+    gen_conds = [c for c in conditions if c.method != "truncation"]
+    total = len(gen_conds) * sum(len(d["rows"]) for d in datasets)
+    log.info("evaluate %s%s on %s: %d conditions, %d generations", cfg.model, f" + {cfg.adapter}" if cfg.adapter else "",
+             ", ".join(f"{d['name']}({len(d['rows'])})" for d in datasets), len(conditions), total)
+
+    t0 = time.perf_counter()
+    llm = build_llm(cfg.model, cfg.engine_kwargs, enable_lora=cfg.adapter is not None,
+                    max_lora_rank=_max_lora_rank(adapter_meta), seed=cfg.seed)
+    engine_start_s = time.perf_counter() - t0
+    tokenizer = llm.get_tokenizer()
+    lora = lora_request(os.path.abspath(cfg.adapter), "tokenskip", 1) if cfg.adapter else None
+    # Warm-up (graph capture, first LoRA load) so the first timed request is not penalised.
+    warm = render_prompt(tokenizer, "What is 1 + 1?")
+    _generate(llm, [warm], 4, cfg.seed, None)
+    if lora is not None:
+        _generate(llm, [warm], 4, cfg.seed, lora)
+    log.info("engine ready in %.1f s", engine_start_s)
+
+    results: dict[str, Any] = {"model": cfg.model, "adapter": cfg.adapter, "ratios": list(cfg.ratios), "split": cfg.split,
+                               "baselines": list(cfg.baselines), "budget_scales_with_ratio": cfg.budget_scales_with_ratio,
+                               "engine_start_s": engine_start_s, "datasets": {}}
+    done = 0
+    for ds in datasets:
+        name, kind, rows, max_len = ds["name"], ds["kind"], ds["rows"], ds["max_new_tokens"]
+        n_lat = min(cfg.latency_samples, len(rows))
+        samples: dict[str, list[dict]] = {}
+        cond_rows: list[dict] = []
+        cache: dict[tuple, tuple[str, list[dict], list[float], dict]] = {}
+        for cond in conditions:
+            if cond.method == "truncation":
+                s = _truncate(cond, samples["original"], tokenizer, kind)
+                lat, thr, reused = [], None, None
+            else:
+                extra = BASELINE_PROMPTS[cond.prompt_name] if cond.method == "prompt" else None
+                ratio = cond.ratio if cond.method == "tokenskip" else None
+                prompts = [render_prompt(tokenizer, r["question"], ratio, extra) for r in rows]
+                req = lora if cond.uses_adapter else None
+                budget = evaluation.scaled_budget(max_len, cond.ratio) if (cfg.budget_scales_with_ratio and cond.method == "tokenskip") else max_len
+                key = (tuple(prompts), req is not None, budget)
+                if key in cache:  # e.g. TokenSkip γ=1.0 without an adapter is exactly the original
+                    reused, gens, lat, thr = cache[key]
+                    done += len(rows)
+                    log.info("[%s] %s: same prompts, model and budget as %s; outputs reused; %d/%d generations", name,
+                             cond.id, reused, done, total)
+                else:
+                    reused = None
+                    t0 = time.perf_counter()
+                    gens = _generate(llm, prompts, budget, cfg.seed, req)
+                    wall = time.perf_counter() - t0
+                    n_tok = sum(len(g["token_ids"]) for g in gens)
+                    thr = {"wall_s": wall, "output_tokens": n_tok, "tokens_per_s": n_tok / wall if wall else None,
+                           "samples_per_s": len(gens) / wall if wall else None, "batch_size": len(gens)}
+                    done += len(rows)
+                    log.info("[%s] %s: %d questions in %.1f s (%.0f tok/s); %d/%d generations, %.0f s elapsed", name, cond.id,
+                             len(rows), wall, thr["tokens_per_s"] or 0, done, total, time.perf_counter() - t_start)
+                    lat = _time_single(llm, prompts[:n_lat], budget, cfg.seed, req, f"[{name}] {cond.id}")
+                    cache[key] = (cond.id, gens, lat, thr)
+                s = _sample_rows(cond, rows, prompts, gens, kind)
+            samples[cond.id] = s
+            artifacts.write_rows(out / "samples" / name / f"{cond.id}.jsonl", s, "jsonl")
+            fig = evaluation.summarize(s)
+            cond_rows.append({"id": cond.id, "method": cond.method, "label": cond.label(adapter=cfg.adapter is not None),
+                              "ratio": cond.ratio, "prompt_name": cond.prompt_name, **fig,
+                              "latency_s": evaluation.mean_or_none(lat), "latency_samples": len(lat), "latency_each_s": lat,
+                              "throughput": thr, "reused_from": reused,
+                              "max_new_tokens": None if cond.method == "truncation" else budget,
+                              "samples_file": f"samples/{name}/{cond.id}.jsonl"})
+        if "original" not in cfg.baselines:  # it ran only as the source of truncation
+            for r in cond_rows:
+                if r["id"] == "original":
+                    r["label"] = "Original (truncation source)"
+        evaluation.attach_actual_ratios(cond_rows)
+        results["datasets"][name] = {"kind": kind, "split": cfg.split, "n": len(rows), "max_new_tokens": max_len,
+                                     "latency_samples": n_lat, "conditions": cond_rows}
+
+    results["wall_s"] = time.perf_counter() - t_start
+    artifacts.atomic_write_json(out / RESULTS, results)
+    artifacts.atomic_write_text(out / TABLE, evaluation.render_markdown(results))
+    from tokenskip import plots
+
+    plots.accuracy_vs_tokens(results, out / PLOTS[0])
+    plots.ratio_adherence(results, out / PLOTS[1])
+    del llm
+    counts = {f"{name}/{r['id']}": {"n": r["n"], "correct": r["correct"]} for name, ds in results["datasets"].items()
+              for r in ds["conditions"]}
+    log.info("evaluation finished in %.1f s -> %s", results["wall_s"], out)
+    return artifacts.write_manifest(out, "evaluate", cfg, inputs={"model": cfg.model, "adapter": cfg.adapter, "datasets": cfg.datasets},
+                                    counts=counts, outputs=[RESULTS, TABLE, *PLOTS, "samples/"], wall_s=results["wall_s"],
+                                    pid=os.getpid())
+
+
+def load_samples(output_dir: str | os.PathLike, dataset: str, condition: str) -> list[dict]:
+    """Saved sample rows of one condition (for inspection and re-computation)."""
+    return artifacts.read_rows(Path(output_dir) / "samples" / dataset / f"{condition}.jsonl")
+
+
+def replace(cfg: EvalConfig, **changes: Any) -> EvalConfig:
+    """A validated copy of ``cfg`` with ``changes`` (e.g. ``limit``)."""
+    return EvalConfig(**{**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}, **changes})
+
+
+__all__ = ["EvalInputError", "check_adapter", "check_dataset", "evaluate_body", "load_samples", "run_evaluate", "validate"]

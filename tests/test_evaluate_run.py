@@ -1,0 +1,218 @@
+"""Evaluation stage end to end on the tiny Llama + a random adapter (integration), and
+bad inputs that must fail before any model loads (fast)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from pipelines.evaluate import EvalInputError, check_dataset, run_evaluate, validate
+from tokenskip import evaluation as ev
+from tokenskip.config import EvalConfig
+from tokenskip.prompt import BASELINE_PROMPTS
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def no_engine(monkeypatch):
+    """Any attempt to build an engine fails the test."""
+    import tokenskip.engine
+
+    def boom(*a, **k):
+        raise AssertionError("an engine was built before the input was validated")
+
+    monkeypatch.setattr(tokenskip.engine, "build_llm", boom)
+
+
+# --------------------------------------------------------------------------- bad input (fast)
+
+
+def test_missing_adapter_fails_before_model_load(no_engine, tmp_path):
+    cfg = EvalConfig(adapter=str(tmp_path / "nope"), output_dir=str(tmp_path / "out"), limit=2)
+    with pytest.raises(EvalInputError, match="nope does not exist"):
+        run_evaluate(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_peft_adapter_fails(no_engine, tmp_path):
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    with pytest.raises(EvalInputError, match="not a PEFT adapter"):
+        run_evaluate(EvalConfig(adapter=str(d), output_dir=str(tmp_path / "out")))
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    with pytest.raises(EvalInputError, match="no adapter weights"):
+        run_evaluate(EvalConfig(adapter=str(d), output_dir=str(tmp_path / "out")))
+    (d / "adapter_model.safetensors").write_bytes(b"x")
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "PREFIX_TUNING"}))
+    with pytest.raises(EvalInputError, match="not LORA"):
+        run_evaluate(EvalConfig(adapter=str(d), output_dir=str(tmp_path / "out")))
+    f = tmp_path / "file.bin"
+    f.write_bytes(b"x")
+    with pytest.raises(EvalInputError, match="not a directory"):
+        run_evaluate(EvalConfig(adapter=str(f), output_dir=str(tmp_path / "out")))
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.5, -0.1, "abc"])
+def test_ratio_outside_unit_interval(no_engine, tmp_path, ratio):
+    with pytest.raises(ValueError, match=r"ratios\[1\].*\(0, 1\]"):
+        EvalConfig(ratios=[1.0, ratio], output_dir=str(tmp_path))
+    cfg = EvalConfig(output_dir=str(tmp_path))
+    cfg.ratios = [0.5, ratio]  # mutated after construction: still caught before the engine
+    with pytest.raises(EvalInputError, match=r"ratios\[1\]"):
+        run_evaluate(cfg)
+
+
+@pytest.mark.parametrize("name,match", [("gsm9k", "unknown dataset 'gsm9k'"), ("./missing.jsonl", "not found"),
+                                        ("/data/x/y.parquet", "not found"), ("a/b/c", "not found")])
+def test_unknown_dataset(no_engine, tmp_path, name, match):
+    with pytest.raises(EvalInputError, match=match):
+        run_evaluate(EvalConfig(datasets=["gsm8k", name], output_dir=str(tmp_path / "out")))
+
+
+def test_dataset_kinds(tmp_path):
+    assert check_dataset("gsm8k", "test") == "embedded"
+    assert check_dataset("HuggingFaceH4/MATH-500", "test") == "hub"
+    f = tmp_path / "q.jsonl"
+    f.write_text('{"question": "1+1?", "answer": "2"}\n')
+    assert check_dataset(str(f), "test") == "file"
+    with pytest.raises(EvalInputError, match="no split 'train'"):
+        check_dataset("math500", "train")
+    validate(EvalConfig(datasets=["gsm8k", "math500", str(f)], output_dir=str(tmp_path)))
+
+
+def test_cli_reports_bad_input(no_engine, tmp_path, capsys):
+    from ray_jobs.evaluate import main
+
+    cfg = tmp_path / "e.yaml"
+    cfg.write_text(f"kind: evaluate\noutput_dir: {tmp_path / 'out'}\n")
+    assert main(["--config", str(cfg), "ratios=[1.0,1.2]"]) == 2
+    assert "(0, 1]" in capsys.readouterr().err
+    assert main(["--config", str(cfg), "datasets=[nosuch]", "--limit", "3"]) == 2
+    assert "unknown dataset 'nosuch'" in capsys.readouterr().err
+
+
+def test_shipped_eval_configs_load():
+    from tokenskip.config import load_any
+
+    files = sorted(Path(__file__).resolve().parents[1].glob("configs/eval/*.yaml"))
+    assert files
+    for f in files:
+        cfg = load_any(f)
+        assert isinstance(cfg, EvalConfig)
+        assert f.read_text().startswith("#")
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_llama, tiny_adapters, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "run"
+    cfg = EvalConfig(model=tiny_llama, adapter=tiny_adapters[0], datasets=["gsm8k"], limit=6, max_new_tokens=24,
+                     ratios=[1.0, 0.5], latency_samples=2, output_dir=str(out), placement="driver")
+    manifest = run_evaluate(cfg)
+    return cfg, manifest, out
+
+
+def _samples(out: Path, cond: str) -> list[dict]:
+    return [json.loads(l) for l in (out / "samples" / "gsm8k" / f"{cond}.jsonl").read_text().splitlines() if l.strip()]
+
+
+@pytest.mark.integration
+def test_outputs_exist(tiny_run):
+    cfg, manifest, out = tiny_run
+    assert manifest["stage"] == "evaluate" and (out / "manifest.json").is_file()
+    for name in ("results.json", "table.md", "accuracy_vs_tokens.png", "ratio_adherence.png"):
+        assert (out / name).is_file(), name
+    for png in ("accuracy_vs_tokens.png", "ratio_adherence.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 5000
+        from PIL import Image
+
+        with Image.open(out / png) as im:
+            im.verify()
+    results = json.loads((out / "results.json").read_text())
+    ids = [r["id"] for r in results["datasets"]["gsm8k"]["conditions"]]
+    assert ids == (["original", "tokenskip-1.0", "tokenskip-0.5"] + [f"prompt-{n}" for n in BASELINE_PROMPTS] + ["truncation-0.5"])
+    table = (out / "table.md").read_text()
+    for label in ("| Original | - |", "| TokenSkip | 1.0 |", "| TokenSkip | 0.5 |", "| Prompt: concise | - |", "| Truncation | 0.5 |"):
+        assert label in table
+    assert "near zero" in table  # a random model solves nothing, and the caption says so
+
+
+@pytest.mark.integration
+def test_figures_agree_with_samples(tiny_run, tiny_llama):
+    cfg, _, out = tiny_run
+    from tokenskip.grading import grade
+
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["id"]: r for r in results["datasets"]["gsm8k"]["conditions"]}
+    for cid, r in rows.items():
+        samples = _samples(out, cid)
+        assert len(samples) == r["n"] == 6
+        assert sum(s["correct"] for s in samples) == r["correct"]
+        assert r["accuracy"] == pytest.approx(r["correct"] / 6)
+        assert r["mean_tokens"] == pytest.approx(sum(s["output_tokens"] for s in samples) / 6)
+        for s in samples:
+            assert s["output_tokens"] == len(s["token_ids"])
+            assert s["correct"] == grade(s["output"], s["gold"], "gsm8k").correct
+        if r["method"] != "truncation":
+            assert r["latency_samples"] == 2 and r["latency_s"] > 0 and len(r["latency_each_s"]) == 2
+            assert r["throughput"]["wall_s"] > 0
+            assert max(s["output_tokens"] for s in samples) <= 24
+        else:
+            assert r["latency_s"] is None
+    # actual ratio: TokenSkip rows against TokenSkip γ=1.0, others against the original
+    assert rows["tokenskip-0.5"]["actual_ratio"] == pytest.approx(rows["tokenskip-0.5"]["mean_tokens"] / rows["tokenskip-1.0"]["mean_tokens"])
+    assert rows["truncation-0.5"]["actual_ratio"] == pytest.approx(rows["truncation-0.5"]["mean_tokens"] / rows["original"]["mean_tokens"])
+    assert rows["prompt-concise"]["actual_ratio"] == pytest.approx(rows["prompt-concise"]["mean_tokens"] / rows["original"]["mean_tokens"])
+    # prompts: the γ marker only below 1, the adapter changes the outputs
+    ts = _samples(out, "tokenskip-0.5")
+    assert all(s["prompt"].count("<|eot_id|>0.5<|eot_id|>") == 1 for s in ts)
+    assert all("<|eot_id|>" not in s["prompt"] for s in _samples(out, "tokenskip-1.0"))
+    assert all(BASELINE_PROMPTS["concise"] in s["prompt"] for s in _samples(out, "prompt-concise"))
+    assert [s["output"] for s in _samples(out, "original")] != [s["output"] for s in _samples(out, "tokenskip-1.0")]
+
+
+@pytest.mark.integration
+def test_truncation_cuts_at_gamma_times_length(tiny_run, tiny_llama):
+    from transformers import AutoTokenizer
+
+    _, _, out = tiny_run
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    original = {s["id"]: s for s in _samples(out, "original")}
+    for s in _samples(out, "truncation-0.5"):
+        o = original[s["id"]]
+        k = math.floor(0.5 * o["output_tokens"])
+        assert s["output_tokens"] == k == len(s["token_ids"]) and s["source_tokens"] == o["output_tokens"]
+        assert s["token_ids"] == o["token_ids"][:k]
+        assert s["output"] == tok.decode(o["token_ids"][:k], skip_special_tokens=True)
+        assert o["output"].startswith(s["output"])
+
+
+@pytest.mark.integration
+def test_rerun_returns_manifest_without_engine(tiny_run, no_engine):
+    cfg, manifest, _ = tiny_run
+    assert run_evaluate(cfg) == manifest
+
+
+@pytest.mark.integration
+def test_runs_inside_a_ray_task(tiny_llama, ray_local, tmp_path):
+    """placement: ray - the body runs in one Ray task (how a GPU cluster gets the engine onto a GPU node)."""
+    import os
+
+    out = tmp_path / "ray-run"
+    cfg = EvalConfig(model=tiny_llama, datasets=["gsm8k"], limit=2, max_new_tokens=8, ratios=[0.5], baselines=[],
+                     latency_samples=1, output_dir=str(out), placement="ray", num_cpus=1)
+    manifest = run_evaluate(cfg)
+    assert manifest["host"] and (out / "manifest.json").is_file() and (out / "table.md").is_file()
+    results = json.loads((out / "results.json").read_text())
+    rows = results["datasets"]["gsm8k"]["conditions"]
+    assert [r["id"] for r in rows] == ["tokenskip-0.5"] and rows[0]["label"] == "TokenSkip (no adapter)"
+    assert rows[0]["actual_ratio"] is None  # no γ = 1.0 and no original: nothing to divide by
+    assert manifest["pid"] != os.getpid()  # the body ran in a worker process, not here
