@@ -140,6 +140,7 @@ class PruneConfig:
     input: str | None = field(default=None, metadata={"help": "JSONL/Parquet file or stage directory with id + text column"})
     output_dir: str | None = None
     text_field: str = field(default="cot", metadata={"help": "column holding the CoT to prune"})
+    id_field: str = field(default="id", metadata={"help": "column holding the row id"})
     scorer: str = field(default="self_info", metadata={"help": "llmlingua2 | self_info"})
     scorer_model: str = field(default="smollm2-135m-instruct", metadata={"help": "token-classifier (llmlingua2) or causal LM (self_info)"})
     target_tokenizer: str = field(default="smollm2-135m-instruct", metadata={"help": "tokenizer whose tokens measure ratios"})
@@ -154,14 +155,26 @@ class PruneConfig:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    format: str = field(default="parquet", metadata={"help": "output data file: parquet | jsonl"})
+    limit: int | None = field(default=None, metadata={"help": "prune only the first N input rows (smoke runs)"})
+    ray: dict = field(default_factory=dict, metadata={"help": "ray.init kwargs for local runs (ignored when RAY_ADDRESS is set)"})
 
     def __post_init__(self) -> None:
         _choice(self, "scorer", ("llmlingua2", "self_info"))
+        _choice(self, "format", ("parquet", "jsonl"))
+        _choice(self, "device", ("auto", "cpu", "cuda"))
         _positive(self, "model_batch_size", "batch_size", "concurrency")
+        _positive(self, "limit", allow_none=True)
         _nonneg(self, "num_cpus", "num_gpus")
         if not self.ratios:
             raise ConfigError("prune.ratios must not be empty")
         self.ratios = [check_ratio(r, f"prune.ratios[{i}]") for i, r in enumerate(self.ratios)]
+        if len(set(self.ratios)) != len(self.ratios):
+            raise ConfigError(f"prune.ratios has duplicates: {self.ratios}")
+        if len(self.force_tokens) > 100:
+            raise ConfigError(f"prune.force_tokens: at most 100 (llmlingua's limit), got {len(self.force_tokens)}")
+        if not self.text_field or not self.id_field:
+            raise ConfigError("prune.text_field and prune.id_field must not be empty")
 
 
 @dataclass
@@ -196,6 +209,8 @@ class BuildSFTConfig:
 
 @dataclass
 class LoraConfig:
+    """LoRA on all linear projections (never lm_head / embeddings, never modules_to_save: vLLM loads it)."""
+
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
@@ -205,6 +220,15 @@ class LoraConfig:
         _positive(self, "r", "alpha")
         if not (0.0 <= self.dropout < 1.0):
             raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if isinstance(self.target_modules, str):
+            if not self.target_modules:
+                raise ConfigError("lora.target_modules must not be empty")
+        else:
+            if not self.target_modules:
+                raise ConfigError("lora.target_modules must not be empty")
+            bad = [m for m in self.target_modules if m in ("lm_head", "embed_tokens", "wte", "embed_out")]
+            if bad:
+                raise ConfigError(f"lora.target_modules must not include lm_head / embeddings (vLLM cannot load them): {bad}")
 
 
 @dataclass
@@ -212,37 +236,42 @@ class TrainConfig:
     """Stage 5: LoRA SFT on Ray Train (+ DeepSpeed ZeRO)."""
 
     model: str = "smollm2-135m-instruct"
-    dataset: str | None = field(default=None, metadata={"help": "build_sft stage directory or a train file"})
+    dataset: str | None = field(default=None, metadata={"help": "build_sft stage directory (train.parquet) or a .parquet/.jsonl file"})
     output_dir: str | None = None
     lora: LoraConfig = field(default_factory=LoraConfig)
     learning_rate: float = 5e-5
     lr_scheduler: str = "cosine"
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
+    gradient_clipping: float = 1.0
     epochs: float = 3.0
     max_steps: int | None = field(default=None, metadata={"help": "stop after N optimizer steps (overrides epochs)"})
+    max_rows: int | None = field(default=None, metadata={"help": "use only the first N training rows (smoke runs)"})
     micro_batch_size: int = 1
-    global_batch_size: int = 8
+    global_batch_size: int = field(default=8, metadata={"help": "micro_batch_size x workers x accumulation steps"})
     cutoff_len: int = 2048
-    overlong: str = field(default="truncate", metadata={"help": "truncate | drop rows longer than cutoff_len"})
-    precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32"})
+    overlong: str = field(default="truncate", metadata={"help": "truncate | drop rows longer than cutoff_len (counted in the manifest)"})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32 | fp16"})
     gradient_checkpointing: bool = False
     strategy: str = field(default="ddp", metadata={"help": "ddp | deepspeed"})
     zero_stage: int = 3
     offload_optimizer: bool = False
     offload_params: bool = False
     deepspeed: dict = field(default_factory=dict, metadata={"help": "extra DeepSpeed config merged over the built one"})
-    scaling: dict = field(default_factory=lambda: {"num_workers": 1, "use_gpu": False}, metadata={"help": "ray.train.ScalingConfig kwargs"})
-    storage_path: str | None = field(default=None, metadata={"help": "RunConfig storage (local dir or s3://...)"})
-    max_failures: int = 0
-    checkpoint_every: int = 50
+    scaling: dict = field(default_factory=lambda: {"num_workers": 1, "use_gpu": False}, metadata={"help": "ray.train.ScalingConfig kwargs (num_workers, use_gpu, resources_per_worker, ...)"})
+    storage_path: str | None = field(default=None, metadata={"help": "RunConfig storage (local dir, NFS or s3://...); None: <output_dir>/ray_storage"})
+    run_name: str = field(default="tokenskip-train", metadata={"help": "Ray Train run name; a restart with the same storage_path + run_name resumes"})
+    max_failures: int = field(default=0, metadata={"help": "FailureConfig.max_failures (-1: retry forever)"})
+    checkpoint_every: int = field(default=50, metadata={"help": "optimizer steps between checkpoints (and at the end)"})
     num_to_keep: int = 2
     log_every: int = 1
     seed: int = 42
+    ray: dict = field(default_factory=dict, metadata={"help": "ray.init kwargs for local runs (ignored when RAY_ADDRESS is set)"})
 
     def __post_init__(self) -> None:
         _positive(self, "learning_rate", "epochs", "micro_batch_size", "global_batch_size", "cutoff_len", "checkpoint_every", "num_to_keep", "log_every")
-        _positive(self, "max_steps", allow_none=True)
+        _positive(self, "max_steps", "max_rows", allow_none=True)
+        _nonneg(self, "weight_decay", "gradient_clipping")
         _choice(self, "strategy", ("ddp", "deepspeed"))
         _choice(self, "zero_stage", (0, 1, 2, 3))
         _choice(self, "overlong", ("truncate", "drop"))
@@ -250,6 +279,21 @@ class TrainConfig:
         _choice(self, "lr_scheduler", ("cosine", "linear", "constant"))
         if not (0.0 <= self.warmup_ratio < 1.0):
             raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not isinstance(self.max_failures, int) or self.max_failures < -1:
+            raise ConfigError(f"train.max_failures must be an integer >= -1, got {self.max_failures!r}")
+        if self.strategy == "deepspeed":
+            if self.offload_params and self.zero_stage != 3:
+                raise ConfigError(f"train.offload_params needs zero_stage 3 (got {self.zero_stage})")
+            if self.offload_optimizer and self.zero_stage == 0:
+                raise ConfigError("train.offload_optimizer needs zero_stage >= 1")
+        elif self.offload_params or self.offload_optimizer:
+            raise ConfigError("train.offload_params / offload_optimizer need strategy: deepspeed")
+        workers = self.scaling.get("num_workers", 1)
+        if not isinstance(workers, int) or workers < 1:
+            raise ConfigError(f"train.scaling.num_workers must be a positive integer, got {workers!r}")
+        if self.global_batch_size % (self.micro_batch_size * workers):
+            raise ConfigError(f"train.global_batch_size {self.global_batch_size} must be a multiple of micro_batch_size "
+                              f"{self.micro_batch_size} x scaling.num_workers {workers}")
 
 
 @dataclass

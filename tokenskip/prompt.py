@@ -142,3 +142,17 @@ def render_training_pair(tokenizer: Any, question: str, ratio: float | None, cot
             return prompt, full[len(prompt):]
     eos = getattr(tokenizer, "eos_token", None) or ""
     return prompt, target + eos
+
+
+def render_user_completion(tokenizer: Any, user: str, completion: str) -> tuple[str, str]:
+    """(prompt, completion) for an already built user turn and target (an SFT row's
+    ``user`` / ``completion``), laid out by the chat template like
+    :func:`render_training_pair`: the completion is the assistant turn's rendering."""
+    messages = [{"role": "user", "content": user}]
+    prompt = render_messages(tokenizer, messages)
+    if getattr(tokenizer, "chat_template", None):
+        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": completion}], tokenize=False)
+        if full.startswith(prompt):
+            return prompt, full[len(prompt):]
+    eos = getattr(tokenizer, "eos_token", None) or ""
+    return prompt, completion + eos

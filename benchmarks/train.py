@@ -1,0 +1,114 @@
+"""LoRA SFT throughput on CPU: 1 vs 2 Ray Train workers, and DDP vs ZeRO-2 vs ZeRO-3.
+
+Every run is ``pipelines.train.run_train`` itself (Ray Train TorchTrainer, gloo) on the
+embedded SmolLM2-135M-Instruct with LoRA r 8 on all linear layers, fp32, the same rows
+(GSM8K gold solutions rendered with tokenskip.prompt) and the same micro-batch per worker,
+no accumulation. Training tokens/s (non-pad tokens, all workers) are taken from rank 0's
+per-step log, skipping the first ``--warmup`` steps; worker start-up is reported apart.
+Then the per-GPU memory plan of the 7B/14B/32B GPU configs (``tokenskip plan-memory``).
+
+    flock /tmp/tokenskip-heavy.lock python -m benchmarks.train --steps 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+RUNS = [("ddp", 0, 1), ("ddp", 0, 2), ("deepspeed", 2, 2), ("deepspeed", 3, 2)]
+
+
+def make_data(path: Path, n: int) -> Path:
+    from tokenskip import artifacts, prompt
+    from tokenskip.data import load_questions
+
+    rows = [{"id": q["id"], "ratio": 1.0, "user": prompt.user_content(q["question"], 1.0),
+             "completion": prompt.build_target(q["solution"], q["gold"])} for q in load_questions("gsm8k", "train", limit=n).rows]
+    artifacts.write_rows(path / "train.parquet", rows)
+    artifacts.write_manifest(path, "build_sft", counts={"train": n})
+    return path
+
+
+def run_one(model: str, data: Path, out: Path, strategy: str, stage: int, workers: int, steps: int, micro: int, cutoff: int, warmup: int) -> dict:
+    from pipelines.train import run_train
+    from tokenskip.config import TrainConfig, load_config
+
+    cfg = load_config(TrainConfig, data=dict(
+        model=model, dataset=str(data), output_dir=str(out), strategy=strategy, zero_stage=stage or 3, max_steps=steps,
+        micro_batch_size=micro, global_batch_size=micro * workers, cutoff_len=cutoff, learning_rate=1e-4,
+        checkpoint_every=10_000, scaling={"num_workers": workers, "use_gpu": False, "resources_per_worker": {"CPU": 1}}))
+    t0 = time.time()
+    manifest = run_train(cfg, force=True)
+    wall = time.time() - t0
+    log = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    timed = [r for r in log if r["step"] > warmup]
+    tokens = sum(r["tokens_per_s"] * r["step_time_s"] for r in timed)
+    secs = sum(r["step_time_s"] for r in timed)
+    train_s = sum(r["step_time_s"] for r in log)
+    name = "ddp" if strategy == "ddp" else f"zero{stage}"
+    return {"run": f"{name} x{workers}", "strategy": name, "workers": workers, "steps": len(log),
+            "tokens_per_s": round(tokens / secs, 1), "s_per_step": round(secs / len(timed), 3),
+            "loss_first": round(log[0]["loss"], 4), "loss_last": round(log[-1]["loss"], 4),
+            "wall_s": round(wall, 1), "startup_and_save_s": round(wall - train_s, 1),
+            "adapter_params": manifest["adapter_info"]["parameters"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--rows", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--micro-batch", type=int, default=2)
+    ap.add_argument("--cutoff", type=int, default=256)
+    ap.add_argument("--out", default="benchmarks/results/train_cpu.json")
+    args = ap.parse_args(argv)
+
+    from pipelines.common import init_ray
+
+    init_ray({"num_cpus": 4})
+    results = []
+    with tempfile.TemporaryDirectory(prefix="tokenskip-bench-train-") as tmp:
+        data = make_data(Path(tmp) / "sft", args.rows)
+        for strategy, stage, workers in RUNS:
+            r = run_one(args.model, data, Path(tmp) / f"{strategy}{stage}x{workers}", strategy, stage, workers,
+                        args.steps, args.micro_batch, args.cutoff, args.warmup)
+            print(json.dumps(r), flush=True)
+            results.append(r)
+    by = {r["run"]: r for r in results}
+    ratios = {
+        "ddp x2 / ddp x1": by["ddp x2"]["tokens_per_s"] / by["ddp x1"]["tokens_per_s"],
+        "zero2 x2 / ddp x2": by["zero2 x2"]["tokens_per_s"] / by["ddp x2"]["tokens_per_s"],
+        "zero3 x2 / ddp x2": by["zero3 x2"]["tokens_per_s"] / by["ddp x2"]["tokens_per_s"],
+        "zero3 x2 / zero2 x2": by["zero3 x2"]["tokens_per_s"] / by["zero2 x2"]["tokens_per_s"],
+    }
+    print(f"\n{'run':<10} {'tokens/s':>9} {'s/step':>7} {'loss first->last':>18} {'start+save s':>13}")
+    for r in results:
+        print(f"{r['run']:<10} {r['tokens_per_s']:>9} {r['s_per_step']:>7} {r['loss_first']:>8} -> {r['loss_last']:<7} {r['startup_and_save_s']:>13}")
+    print("\nratios: " + ", ".join(f"{k} = {v:.2f}" for k, v in ratios.items()))
+
+    from tokenskip import memory
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "train"
+    from tokenskip.config import TrainConfig, load_config
+
+    plans = {}
+    print("\nper-GPU memory plan (tokenskip plan-memory):")
+    for name in memory.DEFAULT_CONFIGS:
+        cfg = load_config(TrainConfig, root / name)
+        plans[name] = memory.plan_for_config(cfg)
+        print(memory.format_plan(name, plans[name]))
+    for gpus in (8, 4, 2):
+        p = memory.plan(memory.arch_for("Qwen/Qwen2.5-32B-Instruct"), 3, gpus, 1, 2048, True)
+        plans[f"qwen2.5-32b zero3 x{gpus}"] = p
+        print(f"Qwen2.5-32B ZeRO-3 x {gpus} GPUs, micro 1: {p['total_gib']} GiB/GPU -> {'fits' if p['fits'] else 'does not fit'} on 80 GiB")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"args": vars(args), "runs": results, "ratios": ratios, "memory_plans": plans}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
