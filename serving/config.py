@@ -1,0 +1,111 @@
+"""Typed configuration of the Serve app (the ``args:`` of ``serving/serve_config.yaml``).
+
+Deployment options (autoscaling_config, ray_actor_options, max_ongoing_requests,
+max_queued_requests, placement_group_bundles, ...) pass through to Ray Serve's
+``Deployment.options`` unchanged, so they read exactly like Serve's own docs.
+
+>>> cfg = ServeAppConfig.from_dict({"model": "m", "adapters": [{"name": "a", "path": "/x"}]})
+>>> cfg.model_id, cfg.adapters[0].ratios
+('m', None)
+>>> ServeAppConfig.from_dict({"model": "m", "adapter": 1})
+Traceback (most recent call last):
+...
+tokenskip.config.ConfigError: <serve args>: unknown key 'adapter' (valid: ...)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from tokenskip.config import ConfigError, _build, to_dict
+
+from serving.routing import normalize_ratios, parse_ratio_table
+
+
+@dataclass
+class AdapterSpec:
+    """One named adapter. ``path``: local/NFS dir or object-store URI (s3://, gs://, file://)."""
+
+    name: str = ""
+    path: str = ""
+    ratios: list[float] | None = field(default=None, metadata={"help": "valid γ; default: adapter manifest, then app default"})
+    expected_cot_tokens: dict | None = field(default=None, metadata={"help": "γ -> expected CoT tokens (budget routing)"})
+    eval_results: str | None = field(default=None, metadata={"help": "an evaluate stage results.json with tokens per γ"})
+
+    def __post_init__(self) -> None:
+        from serving.adapters import validate_adapter_id
+        from serving.routing import ApiError
+
+        if not self.name or not self.path:
+            raise ConfigError("adapters[]: each adapter needs a name and a path")
+        try:
+            validate_adapter_id(self.name)
+        except ApiError as e:
+            raise ConfigError(f"adapters[].name: {e.message}") from None
+        if self.ratios is not None:
+            self.ratios = normalize_ratios(self.ratios, f"adapters[{self.name}].ratios")
+        if self.expected_cot_tokens is not None:
+            self.expected_cot_tokens = parse_ratio_table(self.expected_cot_tokens, f"adapters[{self.name}].expected_cot_tokens")
+
+
+@dataclass
+class ServeAppConfig:
+    """The whole app: model + engine, adapters, γ defaults, limits, auth, deployments."""
+
+    model: str = field(default="smollm2-135m-instruct", metadata={"help": "embedded name, hub id or path of the base model"})
+    model_id: str | None = field(default=None, metadata={"help": "the id clients use in `model` (default: model's basename)"})
+    engine_kwargs: dict = field(default_factory=dict, metadata={"help": "vLLM AsyncEngineArgs overrides (tensor_parallel_size, ...)"})
+    max_lora_rank: int = 16
+    adapters: list[AdapterSpec] = field(default_factory=list)
+    adapter_root: str | None = field(default=None, metadata={"help": "dir or URI: `<base>:<name>` loads <root>/<name>"})
+    adapter_cache_dir: str | None = field(default=None, metadata={"help": "local dir for adapters downloaded from URIs"})
+    max_adapters_per_replica: int = field(default=4, metadata={"help": "@serve.multiplexed LRU size"})
+    default_ratios: list[float] = field(default_factory=lambda: [1.0, 0.9, 0.8, 0.7, 0.6, 0.5])
+    base_ratios: list[float] = field(default_factory=lambda: [1.0], metadata={"help": "valid γ for the base model"})
+    base_expected_cot_tokens: dict | None = None
+    default_max_tokens: int = 512
+    default_temperature: float = field(default=0.0, metadata={"help": "TokenSkip decodes greedily"})
+    max_request_bytes: int = field(default=1 << 20, metadata={"help": "bigger bodies get 413"})
+    api_keys: list[str] = field(default_factory=list, metadata={"help": "if set, `Authorization: Bearer <key>` required"})
+    api_key_env: str | None = field(default=None, metadata={"help": "env var with comma-separated API keys"})
+    retry_after_s: int = 1
+    ingress_deployment: dict = field(default_factory=dict, metadata={"help": "Serve Deployment.options for the ingress"})
+    model_deployment: dict = field(default_factory=dict, metadata={"help": "Serve Deployment.options for the model"})
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ConfigError("model must be set")
+        if not self.model_id:
+            self.model_id = os.path.basename(str(self.model).rstrip("/")) or str(self.model)
+        if ":" in self.model_id:
+            raise ConfigError(f"model_id {self.model_id!r} must not contain ':' (it separates base and adapter)")
+        for name in ("max_lora_rank", "max_adapters_per_replica", "default_max_tokens", "max_request_bytes"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        self.default_ratios = normalize_ratios(self.default_ratios, "default_ratios")
+        self.base_ratios = normalize_ratios(self.base_ratios, "base_ratios")
+        if self.base_expected_cot_tokens is not None:
+            self.base_expected_cot_tokens = parse_ratio_table(self.base_expected_cot_tokens, "base_expected_cot_tokens")
+        names = [a.name for a in self.adapters]
+        if len(names) != len(set(names)):
+            raise ConfigError(f"adapters: duplicate names in {names}")
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "ServeAppConfig":
+        data = dict(data or {})
+        data.pop("kind", None)
+        return _build(cls, data, "", "<serve args>")
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    def valid_api_keys(self) -> set[str]:
+        keys = set(self.api_keys)
+        if self.api_key_env and os.environ.get(self.api_key_env):
+            keys |= {k.strip() for k in os.environ[self.api_key_env].split(",") if k.strip()}
+        return keys
+
+    def adapter(self, name: str) -> AdapterSpec | None:
+        return next((a for a in self.adapters if a.name == name), None)

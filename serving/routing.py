@@ -1,0 +1,257 @@
+"""γ routing for the Serve app: pure functions, no Ray, no model (SPEC §4).
+
+A request picks its compression in one of three ways:
+
+* no ``compression_ratio`` and no budget: the messages / prompt pass through unchanged;
+* ``compression_ratio`` = γ: the last user message becomes
+  ``prompt.user_content(message, γ)`` (the TokenSkip instruction, the question, and the
+  marker when γ < 1), exactly the training format; γ must be one the adapter was
+  trained for;
+* ``max_cot_tokens`` = B (a reasoning budget): the largest valid γ whose expected CoT
+  length fits in B is chosen, from the adapter's table of expected CoT tokens per γ.
+
+>>> r = route(0.5, None, [1.0, 0.5])
+>>> (r.ratio, r.source)
+(0.5, 'explicit')
+>>> route(None, None, [1.0, 0.5]).ratio is None
+True
+>>> route(None, 120, [1.0, 0.7, 0.5], {1.0: 200, 0.7: 140, 0.5: 100}).ratio
+0.5
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from tokenskip import prompt as tsprompt
+from tokenskip.config import check_ratio
+
+DEFAULT_RATIOS: tuple[float, ...] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
+
+
+class ApiError(Exception):
+    """An error the client caused (or overload), rendered in OpenAI's error format.
+
+    Picklable across Ray (all state in ``args``), so a model replica can raise it and the
+    ingress can turn it into the HTTP response.
+
+    >>> e = ApiError(400, "bad", param="compression_ratio")
+    >>> e.body()["error"]["param"], e.status
+    ('compression_ratio', 400)
+    """
+
+    _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+              413: "request_too_large", 503: "overloaded_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 retry_after: float | None = None):
+        super().__init__(status, message, param, code, retry_after)
+        self.status, self.message, self.param, self.code, self.retry_after = status, message, param, code, retry_after
+
+    def __str__(self) -> str:
+        return f"{self.status}: {self.message}"
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self._TYPES.get(self.status, "server_error"),
+                          "param": self.param, "code": self.code}}
+
+
+def normalize_ratios(ratios: Sequence[Any], where: str = "ratios") -> list[float]:
+    """Validated, de-duplicated, rounded, descending.
+
+    >>> normalize_ratios([0.5, 1, 0.70000001, 0.5])
+    [1.0, 0.7, 0.5]
+    """
+    out = {round(check_ratio(r, f"{where}[{i}]"), 4) for i, r in enumerate(ratios)}
+    if not out:
+        raise ValueError(f"{where} must not be empty")
+    return sorted(out, reverse=True)
+
+
+def parse_ratio_table(table: Mapping[Any, Any] | None, where: str = "expected_cot_tokens") -> dict[float, float]:
+    """``{γ: expected CoT tokens}`` from a mapping with str or float keys (YAML/JSON).
+
+    >>> parse_ratio_table({"1.0": 200, "0.5": 110.5})
+    {1.0: 200.0, 0.5: 110.5}
+    """
+    out: dict[float, float] = {}
+    for k, v in (table or {}).items():
+        try:
+            g = round(check_ratio(float(k), f"{where} key {k!r}"), 4)
+            t = float(v)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: bad entry {k!r}: {v!r} ({e})") from None
+        if not math.isfinite(t) or t < 0:
+            raise ValueError(f"{where}: expected tokens for γ={k} must be >= 0, got {v!r}")
+        out[g] = t
+    return out
+
+
+def table_from_eval_results(results: Any) -> dict[float, float]:
+    """Expected CoT tokens per γ from an evaluation ``results.json`` (lenient).
+
+    Accepts a list of rows, or a dict holding such a list (``rows``/``results``/
+    ``per_ratio``), each row with a ``ratio`` and a mean-token field.
+
+    >>> table_from_eval_results({"rows": [{"ratio": 1.0, "mean_cot_tokens": 200}, {"ratio": 0.5, "mean_tokens": 90}]})
+    {1.0: 200.0, 0.5: 90.0}
+    >>> table_from_eval_results({"per_ratio": {"0.5": {"mean_cot_tokens": 80}}})
+    {0.5: 80.0}
+    """
+    token_keys = ("mean_cot_tokens", "cot_tokens", "mean_tokens", "tokens", "mean_output_tokens")
+    rows: Any = results
+    if isinstance(results, dict):
+        for key in ("rows", "results", "per_ratio", "ratios", "tokenskip"):
+            if key in results:
+                rows = results[key]
+                break
+    if isinstance(rows, dict):
+        rows = [dict(v, ratio=k) for k, v in rows.items() if isinstance(v, dict)]
+    out: dict[float, float] = {}
+    for row in rows if isinstance(rows, list) else []:
+        if not isinstance(row, dict) or "ratio" not in row or row.get("method", "tokenskip") not in ("tokenskip", None):
+            continue
+        tok = next((row[k] for k in token_keys if isinstance(row.get(k), (int, float))), None)
+        try:
+            g = round(check_ratio(float(row["ratio"])), 4)
+        except (TypeError, ValueError):
+            continue
+        if tok is not None:
+            out[g] = float(tok)
+    return out
+
+
+def expected_tokens(table: Mapping[float, float], ratio: float) -> float | None:
+    """Expected CoT tokens at γ: the table entry, else γ × the γ=1 entry, else None.
+
+    >>> expected_tokens({1.0: 200.0}, 0.5), expected_tokens({0.5: 90.0}, 0.5), expected_tokens({}, 0.5)
+    (100.0, 90.0, None)
+    """
+    if ratio in table:
+        return float(table[ratio])
+    if 1.0 in table:
+        return float(table[1.0]) * ratio
+    return None
+
+
+@dataclass(frozen=True)
+class Route:
+    """The γ a request runs at. ``ratio`` None = no TokenSkip formatting at all."""
+
+    ratio: float | None
+    source: str  # "none" | "explicit" | "budget"
+    expected_cot_tokens: float | None = None
+    budget_fits: bool | None = None
+
+
+def _valid_list(valid: Sequence[float]) -> str:
+    return ", ".join(tsprompt.format_ratio(v) for v in valid)
+
+
+def route(compression_ratio: Any, max_cot_tokens: Any, valid_ratios: Sequence[float],
+          expected: Mapping[float, float] | None = None) -> Route:
+    """Choose γ for a request; :class:`ApiError` (400) for invalid parameters.
+
+    >>> route(0.3, None, [1.0, 0.5])
+    Traceback (most recent call last):
+    ...
+    serving.routing.ApiError: 400: compression_ratio 0.3 is not supported by this model; valid values: 1.0, 0.5
+    >>> route(None, 50, [1.0, 0.5], {1.0: 200})          # nothing fits: smallest γ, flagged
+    Route(ratio=0.5, source='budget', expected_cot_tokens=100.0, budget_fits=False)
+    >>> route(0.5, 100, [1.0, 0.5]).source
+    Traceback (most recent call last):
+    ...
+    serving.routing.ApiError: 400: give either compression_ratio or max_cot_tokens, not both
+    """
+    valid = normalize_ratios(valid_ratios)
+    if compression_ratio is not None and max_cot_tokens is not None:
+        raise ApiError(400, "give either compression_ratio or max_cot_tokens, not both", param="compression_ratio")
+    if compression_ratio is not None:
+        if isinstance(compression_ratio, bool) or not isinstance(compression_ratio, (int, float)):
+            raise ApiError(400, f"compression_ratio must be a number, got {compression_ratio!r}", param="compression_ratio")
+        g = float(compression_ratio)
+        if not math.isfinite(g) or not any(abs(g - v) < 1e-6 for v in valid):
+            raise ApiError(400, f"compression_ratio {compression_ratio} is not supported by this model; valid values: "
+                                f"{_valid_list(valid)}", param="compression_ratio", code="invalid_compression_ratio")
+        g = next(v for v in valid if abs(g - v) < 1e-6)
+        return Route(g, "explicit", expected_tokens(expected or {}, g))
+    if max_cot_tokens is not None:
+        if isinstance(max_cot_tokens, bool) or not isinstance(max_cot_tokens, (int, float)) or max_cot_tokens <= 0:
+            raise ApiError(400, f"max_cot_tokens must be a positive number, got {max_cot_tokens!r}", param="max_cot_tokens")
+        table = expected or {}
+        known = [(v, expected_tokens(table, v)) for v in valid]
+        known = [(v, t) for v, t in known if t is not None]
+        if not known:
+            raise ApiError(400, "max_cot_tokens needs expected CoT lengths for this model (adapter manifest, evaluation "
+                                "results or the app config's expected_cot_tokens); give compression_ratio instead",
+                           param="max_cot_tokens")
+        fitting = [(v, t) for v, t in known if t <= max_cot_tokens]
+        if fitting:
+            g, t = max(fitting)
+            return Route(g, "budget", t, True)
+        g, t = min(known)
+        return Route(g, "budget", t, False)
+    return Route(None, "none")
+
+
+def _text_of(content: Any, where: str) -> str:
+    """Message content as text: a string or OpenAI text parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for i, p in enumerate(content):
+            if not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str):
+                raise ApiError(400, f"{where}[{i}]: only text content parts are supported", param="messages")
+            parts.append(p["text"])
+        return "".join(parts)
+    raise ApiError(400, f"{where} must be a string or a list of text parts", param="messages")
+
+
+def normalize_messages(messages: Any) -> list[dict[str, str]]:
+    """Validate chat messages into ``[{"role", "content"}]`` with text content.
+
+    >>> normalize_messages([{"role": "user", "content": [{"type": "text", "text": "hi"}]}])
+    [{'role': 'user', 'content': 'hi'}]
+    >>> normalize_messages([])
+    Traceback (most recent call last):
+    ...
+    serving.routing.ApiError: 400: messages must be a non-empty list
+    """
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer", "tool"):
+            raise ApiError(400, f"messages[{i}] needs a role of system/user/assistant", param="messages")
+        role = "system" if m["role"] == "developer" else m["role"]
+        out.append({"role": role, "content": _text_of(m.get("content"), f"messages[{i}].content")})
+    return out
+
+
+def apply_ratio_to_messages(messages: Sequence[dict[str, str]], ratio: float | None) -> list[dict[str, str]]:
+    """Put the TokenSkip instruction + γ marker on the LAST user message.
+
+    The user's message is the question; the adapter was trained on
+    ``INSTRUCTION + "\\n" + question (+ marker)``, so the instruction is prepended too.
+    ``ratio`` None leaves the messages unchanged.
+
+    >>> msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"},
+    ...         {"role": "assistant", "content": "A"}, {"role": "user", "content": "Q2"}]
+    >>> apply_ratio_to_messages(msgs, 0.5)[-1]["content"].endswith("\\nQ2<|eot_id|>0.5<|eot_id|>")
+    True
+    >>> apply_ratio_to_messages(msgs, 0.5)[1]["content"]
+    'Q1'
+    >>> apply_ratio_to_messages(msgs, None) == msgs
+    True
+    """
+    out = [dict(m) for m in messages]
+    if ratio is None:
+        return out
+    idx = max((i for i, m in enumerate(out) if m["role"] == "user"), default=None)
+    if idx is None:
+        raise ApiError(400, "compression_ratio / max_cot_tokens need a user message (the question)", param="messages")
+    out[idx]["content"] = tsprompt.user_content(out[idx]["content"], ratio)
+    return out

@@ -1,0 +1,86 @@
+"""``tokenskip serve --config serving/serve_config.yaml [key=value ...]``: run the Serve app locally.
+
+Reads a Serve config file (the same one ``serve run`` / ``serve deploy`` take), starts
+(or connects to, with RAY_ADDRESS) Ray, starts Serve with the file's ``http_options``,
+runs each application through its builder with its ``args`` (``key=value`` overrides
+apply to the first application's args), and blocks until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import signal
+import threading
+
+from tokenskip.config import ConfigError, apply_overrides, read_yaml
+
+log = logging.getLogger("tokenskip.serving")
+
+
+def _builder(import_path: str):
+    """``pkg.mod:attr`` (or ``pkg.mod.attr``) -> the object."""
+    mod, sep, attr = import_path.partition(":")
+    if not sep:
+        mod, _, attr = import_path.rpartition(".")
+    return getattr(importlib.import_module(mod), attr)
+
+
+def load_serve_config(path: str, overrides: list[str] = ()) -> dict:
+    """The Serve config file with ``overrides`` applied to the first application's args."""
+    data = read_yaml(path)
+    apps = data.get("applications")
+    if not isinstance(apps, list) or not apps:
+        raise ConfigError(f"{path}: a Serve config needs a non-empty 'applications' list")
+    for i, app in enumerate(apps):
+        if not isinstance(app, dict) or not app.get("import_path"):
+            raise ConfigError(f"{path}: applications[{i}] needs an import_path")
+    apps[0]["args"] = apply_overrides(apps[0].get("args") or {}, overrides)
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="tokenskip serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", "-c", default="serving/serve_config.yaml", help="Serve config YAML")
+    p.add_argument("--host", default=None, help="override http_options.host")
+    p.add_argument("--port", type=int, default=None, help="override http_options.port")
+    p.add_argument("--num-cpus", type=float, default=None, help="local Ray only: CPUs to declare")
+    p.add_argument("overrides", nargs="*", help="app args overrides, e.g. model=smollm2-135m-instruct")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    conf = load_serve_config(args.config, args.overrides)
+
+    from ray import serve
+
+    from pipelines.common import init_ray
+
+    http = dict(conf.get("http_options") or {})
+    http.setdefault("host", "127.0.0.1")
+    if args.host:
+        http["host"] = args.host
+    if args.port:
+        http["port"] = args.port
+    ray_kwargs = {"num_cpus": args.num_cpus} if args.num_cpus else {}
+    if conf["applications"][0].get("runtime_env"):
+        ray_kwargs["runtime_env"] = conf["applications"][0]["runtime_env"]
+    init_ray(ray_kwargs)
+    serve.start(http_options=http)
+    for app in conf["applications"]:
+        target = _builder(app["import_path"])(app.get("args") or {})
+        serve.run(target, name=app.get("name", "default"), route_prefix=app.get("route_prefix", "/"), blocking=False)
+    print(f"tokenskip serve: OpenAI API at http://{http['host']}:{http.get('port', 8000)}/v1 (Ctrl-C stops)", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
