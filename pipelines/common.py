@@ -19,19 +19,21 @@ def init_ray(ray_kwargs: dict[str, Any] | None = None, force_local: bool = False
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
     kwargs.update(ray_kwargs or {})
-    # Workers need the same offline caches as the driver.
-    env = {k: os.environ[k] for k in ("TOKENSKIP_HOME", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-                                      "HF_DATASETS_OFFLINE", "TIKTOKEN_CACHE_DIR", "VLLM_CPU_OMP_THREADS_BIND",
-                                      "VLLM_CPU_KVCACHE_SPACE", "TOKENIZERS_PARALLELISM") if k in os.environ}
-    if env:
-        runtime_env = dict(kwargs.pop("runtime_env", None) or {})
-        runtime_env["env_vars"] = {**env, **runtime_env.get("env_vars", {})}
-        kwargs["runtime_env"] = runtime_env
     if os.environ.get("RAY_ADDRESS") and not force_local:
+        # Inside `ray job submit` (or pointed at a cluster): the job's runtime_env already
+        # applies; adding one here would conflict with it.
         for local_only in ("num_cpus", "num_gpus", "_temp_dir", "include_dashboard", "object_store_memory"):
             kwargs.pop(local_only, None)
         ray.init(**kwargs)
     else:
+        # Local workers need the same offline caches as the driver.
+        env = {k: os.environ[k] for k in ("TOKENSKIP_HOME", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+                                          "HF_DATASETS_OFFLINE", "TIKTOKEN_CACHE_DIR", "VLLM_CPU_OMP_THREADS_BIND",
+                                          "VLLM_CPU_KVCACHE_SPACE", "TOKENIZERS_PARALLELISM") if k in os.environ}
+        if env:
+            runtime_env = dict(kwargs.pop("runtime_env", None) or {})
+            runtime_env["env_vars"] = {**env, **runtime_env.get("env_vars", {})}
+            kwargs["runtime_env"] = runtime_env
         kwargs.setdefault("_node_ip_address", "127.0.0.1")
         ray.init(address="local", **kwargs)
     log.info("ray resources: %s", ray.cluster_resources())

@@ -237,8 +237,13 @@ def _ray_data_llm_generate(ds, cfg: GenerateConfig, max_new_tokens: int):
         if pg is None:
             pg = {"bundles": [{"CPU": cfg.num_cpus or 1}]}  # its default bundles ask for a GPU
         engine.cpu_env_defaults()
-        runtime_env = {"env_vars": {k: os.environ[k] for k in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_KVCACHE_SPACE")
-                                    if k in os.environ}}
+        # Only keys the job's own runtime_env does not set: Ray refuses to merge a conflict.
+        import ray
+
+        job_env = (ray.get_runtime_context().runtime_env or {}).get("env_vars") or {}
+        env_vars = {k: os.environ[k] for k in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_KVCACHE_SPACE")
+                    if k in os.environ and k not in job_env}
+        runtime_env = {"env_vars": env_vars} if env_vars else None
     proc_cfg = vLLMEngineProcessorConfig(
         model_source=model, engine_kwargs=kw, batch_size=cfg.batch_size, concurrency=cfg.concurrency,
         placement_group_config=pg, chat_template_stage=False, tokenize_stage=False, detokenize_stage=False,

@@ -93,9 +93,11 @@ def summarize(pipe, results: dict, timings: dict) -> dict:
     if "train" in pipe.stages:
         adapter = Path(stage_config(pipe, "train").output_dir) / "adapter"
         summary["adapter"] = str(adapter)
-        summary["serve_command"] = (
-            f"tokenskip serve --config serving/serve_config.yaml "
-            f"applications.0.args.model={pipe.model} applications.0.args.adapters.tokenskip={adapter}")
+        ev_results = Path(stage_config(pipe, "evaluate").output_dir) / "results.json"
+        adapters = f"[{{name: {pipe.name}, path: {adapter}, eval_results: {ev_results}}}]"
+        summary["serve_command"] = (f"tokenskip serve --config serving/serve_config.yaml model={pipe.model} "
+                                    f"model_id={pipe.model} 'adapters={adapters}'")
+        summary["serve_model"] = f"{pipe.model}:{pipe.name}"
     if "evaluate" in pipe.stages:
         ev = Path(stage_config(pipe, "evaluate").output_dir)
         summary["evaluation"] = {"table": str(ev / "table.md"), "results": str(ev / "results.json"),

@@ -113,3 +113,22 @@ def test_config_headers_reference_existing_files(cfg):
         assert (ROOT / ref).is_file(), f"{cfg.name} header references missing {ref}"
     for mod in re.findall(r"python -m ([\w.]+)", header):
         assert (ROOT / (mod.replace(".", "/") + ".py")).is_file(), mod
+
+
+def test_rayservice_serves_the_shipped_gpu_app():
+    svc = _load(CLUSTER / "kuberay" / "rayservice.yaml")
+    assert svc["kind"] == "RayService"
+    conf = yaml.safe_load(svc["spec"]["serveConfigV2"])
+    shipped = yaml.safe_load((ROOT / "serving" / "serve_config.gpu.yaml").read_text())
+    app, ref = conf["applications"][0], shipped["applications"][0]
+    assert app["import_path"] == ref["import_path"] and app["args"] == ref["args"]
+    module = ROOT / (app["import_path"].split(":")[0].replace(".", "/") + ".py")
+    assert module.is_file()
+    model = app["args"]["model_deployment"]
+    gpus_per_replica = model["ray_actor_options"].get("num_gpus", 0)
+    assert gpus_per_replica == app["args"]["engine_kwargs"].get("tensor_parallel_size", 1)
+    groups = svc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    per_pod = max(_gpus(g["template"]["spec"]["containers"][0]) for g in groups)
+    capacity = sum(_gpus(g["template"]["spec"]["containers"][0]) * g["maxReplicas"] for g in groups)
+    assert gpus_per_replica <= per_pod
+    assert gpus_per_replica * model["autoscaling_config"]["max_replicas"] <= capacity

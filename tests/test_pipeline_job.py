@@ -1,0 +1,137 @@
+"""End to end: a real `ray start --head` on 127.0.0.1 with its own temp dir and ports,
+`ray job submit --working-dir . -- python -m ray_jobs.pipeline --config <tiny>`, the
+artifacts checked, a re-run resumed from manifests, and the cluster stopped through its
+own head process (never `ray stop`, which would hit every Ray on the machine)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+pytestmark = pytest.mark.integration
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def tiny_pipeline_config(run_dir: Path, model: str) -> dict:
+    """The quickstart's shape at toy size (a smaller version of configs/quickstart.yaml)."""
+    return {
+        "kind": "pipeline", "name": "tiny", "run_dir": str(run_dir), "model": model,
+        "stages": ["generate", "prune", "build_sft", "train", "evaluate"],
+        "ray": {"num_cpus": 4},
+        "generate": {"data": {"name": "gsm8k", "split": "train", "limit": 4}, "max_new_tokens": 16, "shard_rows": 2},
+        "prune": {"scorer": "self_info", "scorer_model": model, "target_tokenizer": model},
+        "build_sft": {"data": {"name": "gsm8k", "split": "train", "limit": 24}, "cot_source": "gold",
+                      "val_fraction": 0.1, "target_tokenizer": model},
+        "train": {"max_steps": 3, "micro_batch_size": 2, "global_batch_size": 4, "cutoff_len": 384,
+                  "learning_rate": 1e-3, "checkpoint_every": 2, "scaling": {"num_workers": 1, "use_gpu": False}},
+        "evaluate": {"datasets": ["gsm8k"], "limit": 3, "max_new_tokens": 16, "ratios": [1.0, 0.5],
+                     "baselines": ["original", "truncation"], "latency_samples": 1},
+    }
+
+
+def _env(tmp: Path) -> dict:
+    env = dict(os.environ)
+    env.update({"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+                "PATH": f"{BIN}:{env.get('PATH', '')}"})
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+@pytest.fixture
+def head_node(tmp_path_factory):
+    tmp = Path(f"/tmp/tsk-ray-{os.getpid()}")  # short: Ray's socket paths have a length limit
+    gcs, dash, client, mgr, node_mgr, dash_agent, metrics = _free_ports(7)
+    env = _env(tmp)
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+           f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", f"--ray-client-server-port={client}",
+           f"--object-manager-port={mgr}", f"--node-manager-port={node_mgr}", f"--dashboard-agent-listen-port={dash_agent}",
+           f"--metrics-export-port={metrics}", f"--temp-dir={tmp}", "--num-cpus=4", "--include-dashboard=true",
+           "--disable-usage-stats"]
+    head = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            r = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env, capture_output=True, text=True)
+            if r.returncode == 0:
+                break
+            if head.poll() is not None:
+                pytest.fail(f"ray start exited: {head.stdout.read()[-3000:]}")
+            time.sleep(2)
+        else:
+            pytest.fail("Ray head did not come up in 120 s")
+        yield address, env
+    finally:
+        # Stop exactly this cluster: SIGTERM its `ray start --block` process (it tears down the
+        # processes it started), then make sure nothing of its session is left.
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(head.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        import psutil
+
+        left = [p for p in psutil.process_iter(["pid", "cmdline"]) if str(tmp) in " ".join(p.info["cmdline"] or [])]
+        for p in left:
+            p.kill()
+        assert not [p for p in left if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "cluster processes survived"
+
+
+def test_ray_job_submit_runs_pipeline(head_node, tmp_path, tiny_llama):
+    address, env = head_node
+    run_dir = tmp_path / "run"
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_pipeline_config(run_dir, tiny_llama)))
+    runtime_env = {"excludes": [".venv/", ".cache/", "runs/", ".git/", "*.egg-info/"],
+                   "env_vars": {k: env[k] for k in ("TOKENSKIP_HOME", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE",
+                                                    "TRANSFORMERS_OFFLINE", "VLLM_CPU_KVCACHE_SPACE") if k in env}}
+    t0 = time.time()
+    r = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
+                        "--runtime-env-json", json.dumps(runtime_env), "--",
+                        "python", "-m", "ray_jobs.pipeline", "--config", str(cfg_path)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    took = time.time() - t0
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and "succeeded" in out, out[-6000:]
+    print(f"ray job submit took {took:.1f} s")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for stage in ("generate", "cots", "prune", "build_sft", "train", "evaluate"):
+        assert (run_dir / stage / "manifest.json").is_file(), stage
+    assert (run_dir / "train" / "adapter" / "adapter_config.json").is_file()
+    assert Path(summary["evaluation"]["table"]).is_file() and summary["evaluation"]["plots"]
+    assert "serve" in summary["serve_command"] and summary["adapter"].endswith("adapter")
+    assert "| Method" in out or "Method" in out  # the table is printed at the end of the job log
+
+    # A re-run (same cluster, same run_dir) finds every manifest and recomputes nothing.
+    before = {s: (run_dir / s / "manifest.json").stat().st_mtime for s in ("generate", "prune", "train", "evaluate")}
+    r2 = subprocess.run([str(BIN / "python"), "-m", "ray_jobs.pipeline", "--config", str(cfg_path)],
+                        cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+    assert r2.returncode == 0, (r2.stdout + r2.stderr)[-4000:]
+    after = {s: (run_dir / s / "manifest.json").stat().st_mtime for s in before}
+    assert before == after
