@@ -35,13 +35,7 @@ def cots_dir(cfg: BuildSFTConfig) -> Path:
 
 
 def _skip(out: Path, force: bool) -> dict | None:
-    if force:
-        artifacts.reset_stage(out)
-        return None
-    if artifacts.is_complete(out):
-        log.info("%s: finished already (manifest present); skipping (use --force to redo)", out)
-        return artifacts.read_manifest(out)
-    return None
+    return artifacts.skip_if_finished(out, force)
 
 
 def _count_tokens(tokenizer_name: str, texts: list[str]) -> list[int]:

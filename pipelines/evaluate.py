@@ -208,6 +208,61 @@ def _truncate(cond: evaluation.Condition, original: list[dict], tokenizer: Any, 
     return out
 
 
+class _Engines:
+    """One vLLM engine at a time. With the adapter merged (CPU default), the base model
+    and the merged model are two engines used one after the other; otherwise a single
+    engine serves both, the adapter attached per request."""
+
+    def __init__(self, cfg: EvalConfig, adapter_meta: dict | None) -> None:
+        from tokenskip.engine import on_gpu
+
+        self.cfg, self.meta = cfg, adapter_meta
+        self.merge = bool(cfg.adapter) and (cfg.merge_adapter == "true" or (cfg.merge_adapter == "auto" and not on_gpu()))
+        self.key: str | None = None
+        self.llm: Any = None
+        self.lora: Any = None
+        self.start_s = 0.0
+
+    def get(self, uses_adapter: bool) -> tuple[Any, Any]:
+        from tokenskip.engine import build_llm, lora_request, merged_model_dir
+        from tokenskip.prompt import render_prompt
+
+        cfg = self.cfg
+        key = "merged" if (self.merge and uses_adapter) else "base"
+        if self.llm is None or key != self.key:
+            self.close()
+            t0 = time.perf_counter()
+            if key == "merged":
+                model = merged_model_dir(cfg.model, os.path.abspath(cfg.adapter))
+                log.info("adapter merged into %s (vLLM-CPU LoRA kernels are slow; merge_adapter=false to keep LoRA)", model)
+                self.llm = build_llm(model, cfg.engine_kwargs, seed=cfg.seed)
+            else:
+                lora = cfg.adapter is not None and not self.merge
+                self.llm = build_llm(cfg.model, cfg.engine_kwargs, enable_lora=lora,
+                                     max_lora_rank=_max_lora_rank(self.meta), seed=cfg.seed)
+                self.lora = lora_request(os.path.abspath(cfg.adapter), "tokenskip", 1) if lora else None
+            self.key = key
+            # Warm-up (graph capture, first LoRA load) so the first timed request is not penalised.
+            warm = render_prompt(self.llm.get_tokenizer(), "What is 1 + 1?")
+            _generate(self.llm, [warm], 4, cfg.seed, None)
+            if self.lora is not None:
+                _generate(self.llm, [warm], 4, cfg.seed, self.lora)
+            self.start_s += time.perf_counter() - t0
+            log.info("engine (%s) ready in %.1f s", key, time.perf_counter() - t0)
+        return self.llm, (self.lora if (uses_adapter and key == "base") else None)
+
+    def close(self) -> None:
+        if self.llm is not None:
+            import gc
+
+            try:
+                self.llm.llm_engine.engine_core.shutdown()
+            except Exception:  # older/newer vLLM: dropping the object shuts it down
+                pass
+            self.llm = None
+            gc.collect()
+
+
 def evaluate_body(cfg: EvalConfig) -> dict:
     """Generate, grade and write everything; returns the manifest. Runs where it is called."""
     from tokenskip.engine import build_llm, lora_request
@@ -224,22 +279,12 @@ def evaluate_body(cfg: EvalConfig) -> dict:
     log.info("evaluate %s%s on %s: %d conditions, %d generations", cfg.model, f" + {cfg.adapter}" if cfg.adapter else "",
              ", ".join(f"{d['name']}({len(d['rows'])})" for d in datasets), len(conditions), total)
 
-    t0 = time.perf_counter()
-    llm = build_llm(cfg.model, cfg.engine_kwargs, enable_lora=cfg.adapter is not None,
-                    max_lora_rank=_max_lora_rank(adapter_meta), seed=cfg.seed)
-    engine_start_s = time.perf_counter() - t0
+    engines = _Engines(cfg, adapter_meta)
+    llm, _ = engines.get(False)
     tokenizer = llm.get_tokenizer()
-    lora = lora_request(os.path.abspath(cfg.adapter), "tokenskip", 1) if cfg.adapter else None
-    # Warm-up (graph capture, first LoRA load) so the first timed request is not penalised.
-    warm = render_prompt(tokenizer, "What is 1 + 1?")
-    _generate(llm, [warm], 4, cfg.seed, None)
-    if lora is not None:
-        _generate(llm, [warm], 4, cfg.seed, lora)
-    log.info("engine ready in %.1f s", engine_start_s)
-
     results: dict[str, Any] = {"model": cfg.model, "adapter": cfg.adapter, "ratios": list(cfg.ratios), "split": cfg.split,
                                "baselines": list(cfg.baselines), "budget_scales_with_ratio": cfg.budget_scales_with_ratio,
-                               "engine_start_s": engine_start_s, "datasets": {}}
+                               "engine_start_s": engines.start_s, "adapter_merged": engines.merge, "datasets": {}}
     done = 0
     for ds in datasets:
         name, kind, rows, max_len = ds["name"], ds["kind"], ds["rows"], ds["max_new_tokens"]
@@ -247,7 +292,9 @@ def evaluate_body(cfg: EvalConfig) -> dict:
         samples: dict[str, list[dict]] = {}
         cond_rows: list[dict] = []
         cache: dict[tuple, tuple[str, list[dict], list[float], dict]] = {}
-        for cond in conditions:
+        order = sorted(conditions, key=lambda c: (c.method == "truncation", c.uses_adapter))
+        by_id: dict[str, dict] = {}
+        for cond in order:
             if cond.method == "truncation":
                 s = _truncate(cond, samples["original"], tokenizer, kind)
                 lat, thr, reused = [], None, None
@@ -255,9 +302,9 @@ def evaluate_body(cfg: EvalConfig) -> dict:
                 extra = BASELINE_PROMPTS[cond.prompt_name] if cond.method == "prompt" else None
                 ratio = cond.ratio if cond.method == "tokenskip" else None
                 prompts = [render_prompt(tokenizer, r["question"], ratio, extra) for r in rows]
-                req = lora if cond.uses_adapter else None
+                llm, req = engines.get(cond.uses_adapter)
                 budget = evaluation.scaled_budget(max_len, cond.ratio) if (cfg.budget_scales_with_ratio and cond.method == "tokenskip") else max_len
-                key = (tuple(prompts), req is not None, budget)
+                key = (tuple(prompts), engines.key, req is not None, budget)
                 if key in cache:  # e.g. TokenSkip γ=1.0 without an adapter is exactly the original
                     reused, gens, lat, thr = cache[key]
                     done += len(rows)
@@ -280,12 +327,13 @@ def evaluate_body(cfg: EvalConfig) -> dict:
             samples[cond.id] = s
             artifacts.write_rows(out / "samples" / name / f"{cond.id}.jsonl", s, "jsonl")
             fig = evaluation.summarize(s)
-            cond_rows.append({"id": cond.id, "method": cond.method, "label": cond.label(adapter=cfg.adapter is not None),
+            by_id[cond.id] = ({"id": cond.id, "method": cond.method, "label": cond.label(adapter=cfg.adapter is not None),
                               "ratio": cond.ratio, "prompt_name": cond.prompt_name, **fig,
                               "latency_s": evaluation.mean_or_none(lat), "latency_samples": len(lat), "latency_each_s": lat,
                               "throughput": thr, "reused_from": reused,
                               "max_new_tokens": None if cond.method == "truncation" else budget,
                               "samples_file": f"samples/{name}/{cond.id}.jsonl"})
+        cond_rows = [by_id[c.id] for c in conditions]
         if "original" not in cfg.baselines:  # it ran only as the source of truncation
             for r in cond_rows:
                 if r["id"] == "original":
@@ -295,13 +343,14 @@ def evaluate_body(cfg: EvalConfig) -> dict:
                                      "latency_samples": n_lat, "conditions": cond_rows}
 
     results["wall_s"] = time.perf_counter() - t_start
+    results["engine_start_s"] = engines.start_s
     artifacts.atomic_write_json(out / RESULTS, results)
     artifacts.atomic_write_text(out / TABLE, evaluation.render_markdown(results))
     from tokenskip import plots
 
     plots.accuracy_vs_tokens(results, out / PLOTS[0])
     plots.ratio_adherence(results, out / PLOTS[1])
-    del llm
+    engines.close()
     counts = {f"{name}/{r['id']}": {"n": r["n"], "correct": r["correct"]} for name, ds in results["datasets"].items()
               for r in ds["conditions"]}
     log.info("evaluation finished in %.1f s -> %s", results["wall_s"], out)

@@ -113,11 +113,9 @@ def run_prune(cfg: PruneConfig, force: bool = False) -> dict:
     if not cfg.output_dir:
         raise ValueError("prune.output_dir is not set (a pipeline config sets it from run_dir)")
     out = Path(cfg.output_dir)
-    if force:
-        artifacts.reset_stage(out)
-    elif artifacts.is_complete(out):
-        log.info("%s: finished already (manifest present); skipping (use --force to redo)", out)
-        return artifacts.read_manifest(out)
+    finished = artifacts.skip_if_finished(out, force)
+    if finished is not None:
+        return finished
     good, bad, src = read_input(cfg)
     writer = artifacts.PartWriter(out)
     if bad:

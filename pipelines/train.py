@@ -171,10 +171,9 @@ def run_train(cfg: TrainConfig, force: bool = False) -> dict:
     if not cfg.output_dir:
         raise ConfigError("train.output_dir is not set")
     out = Path(cfg.output_dir)
-    if artifacts.is_complete(out) and not force:
-        return artifacts.read_manifest(out)
-    if force:
-        artifacts.reset_stage(out)
+    finished = artifacts.skip_if_finished(out, force)
+    if finished is not None:
+        return finished
     rows, train_file, upstream = load_train_rows(cfg)  # fails before Ray / workers start
     workers = int(cfg.scaling.get("num_workers", 1))
     accum = grad_accum_steps(cfg.global_batch_size, cfg.micro_batch_size, workers)

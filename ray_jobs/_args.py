@@ -19,3 +19,25 @@ def parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
 
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def load_stage(path: str, overrides: list[str], stage: str):
+    """(stage config, ray.init kwargs) from a stage YAML or a ``kind: pipeline`` YAML.
+
+    With a pipeline YAML the stage's section is used (run_dir paths and model filled in)
+    and overrides may name the section or not: ``limit=4`` and ``prune.limit=4`` alike.
+    """
+    import dataclasses
+
+    from tokenskip.config import KINDS, PipelineConfig, load_config, read_yaml, stage_config
+
+    if read_yaml(path).get("kind") == "pipeline":
+        top = {f.name for f in dataclasses.fields(PipelineConfig)}
+        fixed = [o if o.split("=", 1)[0].split(".", 1)[0] in top else f"{stage}.{o}" for o in overrides]
+        pipe = load_config(PipelineConfig, path, fixed)
+        cfg = stage_config(pipe, stage)
+        if hasattr(cfg, "ray") and not cfg.ray:
+            cfg.ray = dict(pipe.ray)
+        return cfg, pipe.ray
+    cfg = load_config(KINDS[stage], path, overrides)
+    return cfg, dict(getattr(cfg, "ray", None) or {})

@@ -14,17 +14,12 @@ from __future__ import annotations
 import json
 import sys
 
-from ray_jobs._args import parser, setup_logging
+from ray_jobs._args import load_stage, parser, setup_logging
 
 
 def load(path: str, overrides: list[str]):
     """(GenerateConfig, ray.init kwargs) from a generate or pipeline YAML."""
-    from tokenskip.config import GenerateConfig, PipelineConfig, load_config, read_yaml, stage_config
-
-    if read_yaml(path).get("kind") == "pipeline":
-        pipe = load_config(PipelineConfig, path, overrides)
-        return stage_config(pipe, "generate"), pipe.ray
-    return load_config(GenerateConfig, path, overrides), {}
+    return load_stage(path, overrides, "generate")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ adapter path and the command that serves it.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import sys
@@ -21,6 +22,15 @@ from ray_jobs._args import parser, setup_logging
 log = logging.getLogger("tokenskip.pipeline")
 
 ORDER = ("generate", "cots", "prune", "build_sft", "train", "evaluate")
+# stage -> (module, function taking (stage config, force=...), config section it reads)
+RUNNERS = {
+    "generate": ("pipelines.generate", "run_generate", "generate"),
+    "cots": ("pipelines.build_sft", "select_cots", "build_sft"),
+    "prune": ("pipelines.prune", "run_prune", "prune"),
+    "build_sft": ("pipelines.build_sft", "run_build_sft", "build_sft"),
+    "train": ("pipelines.train", "run_train", "train"),
+    "evaluate": ("pipelines.evaluate", "run_evaluate", "evaluate"),
+}
 
 
 def _stage_plan(pipe) -> list[str]:
@@ -29,9 +39,6 @@ def _stage_plan(pipe) -> list[str]:
     wanted = set(pipe.stages)
     if wanted & {"prune", "build_sft"}:
         wanted.add("cots")
-    if pipe.build_sft.cot_source == "gold":
-        # gold CoTs need no generation for training; generate still runs if listed (yield report)
-        pass
     return [s for s in ORDER if s in wanted]
 
 
@@ -51,30 +58,9 @@ def run_pipeline(pipe, force: bool = False, force_stage: str | None = None) -> d
             forcing = True
         t0 = time.time()
         log.info("[%d/%d] stage %s%s", i, len(plan), stage, " (forced)" if forcing else "")
-        if stage == "generate":
-            from pipelines.generate import run_generate
-
-            results[stage] = run_generate(stage_config(pipe, "generate"), force=forcing)
-        elif stage == "cots":
-            from pipelines.build_sft import select_cots
-
-            results[stage] = select_cots(stage_config(pipe, "build_sft"), force=forcing)
-        elif stage == "prune":
-            from pipelines.prune import run_prune
-
-            results[stage] = run_prune(stage_config(pipe, "prune"), force=forcing)
-        elif stage == "build_sft":
-            from pipelines.build_sft import run_build_sft
-
-            results[stage] = run_build_sft(stage_config(pipe, "build_sft"), force=forcing)
-        elif stage == "train":
-            from pipelines.train import run_train
-
-            results[stage] = run_train(stage_config(pipe, "train"), force=forcing)
-        elif stage == "evaluate":
-            from pipelines.evaluate import run_evaluate
-
-            results[stage] = run_evaluate(stage_config(pipe, "evaluate"), force=forcing)
+        module, func, section = RUNNERS[stage]
+        runner = getattr(importlib.import_module(module), func)
+        results[stage] = runner(stage_config(pipe, section), force=forcing)
         timings[stage] = round(time.time() - t0, 1)
         log.info("[%d/%d] stage %s done in %.1f s", i, len(plan), stage, timings[stage])
     summary = summarize(pipe, results, timings)

@@ -14,18 +14,12 @@ from __future__ import annotations
 import json
 import sys
 
-from ray_jobs._args import parser, setup_logging
+from ray_jobs._args import load_stage, parser, setup_logging
 
 
 def load(path: str, overrides: list[str]):
     """(PruneConfig, ray.init kwargs) from a prune or pipeline YAML."""
-    from tokenskip.config import PipelineConfig, PruneConfig, load_config, read_yaml, stage_config
-
-    if read_yaml(path).get("kind") == "pipeline":
-        pipe = load_config(PipelineConfig, path, [o if o.startswith("prune.") else f"prune.{o}" for o in overrides])
-        return stage_config(pipe, "prune"), pipe.ray
-    cfg = load_config(PruneConfig, path, overrides)
-    return cfg, cfg.ray
+    return load_stage(path, overrides, "prune")
 
 
 def main(argv: list[str] | None = None) -> int:

