@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from tokenskip.pruning.scorers import ScoredChunk, ScoredText, chunk_bounds, length_sorted_batches, pad_batch, resolve_device
+from tokenskip.pruning.scorers import ScoredChunk, ScoredText, batched_scores, chunk_bounds, resolve_device
 
 log = logging.getLogger("tokenskip.pruning")
 
@@ -151,12 +151,8 @@ class LLMLingua2Scorer:
     def _forward(self, seqs: list[list[int]]) -> list[np.ndarray]:
         import torch
 
-        res: list[np.ndarray | None] = [None] * len(seqs)
-        with torch.inference_mode():
-            for batch in length_sorted_batches([len(s) for s in seqs], self.batch_size, self.max_batch_tokens):
-                ids, mask = pad_batch([seqs[k] for k in batch], self.pad_id)
-                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
-                p1 = torch.softmax(logits, dim=-1)[..., 1].float().cpu().numpy()
-                for row, k in enumerate(batch):
-                    res[k] = p1[row, : len(seqs[k])]
-        return res  # type: ignore[return-value]
+        def keep_prob(ids, mask):
+            logits = self.model(input_ids=ids, attention_mask=mask).logits
+            return torch.softmax(logits, dim=-1)[..., 1].float().cpu().numpy()
+
+        return batched_scores(seqs, self.batch_size, self.max_batch_tokens, self.pad_id, self.device, keep_prob)

@@ -106,3 +106,18 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int):
         ids[k, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
         mask[k, : len(s)] = 1
     return ids, mask
+
+
+def batched_scores(seqs, batch_size: int, max_batch_tokens, pad_id: int, device, score_fn, trim: int = 0):
+    """Run ``score_fn(ids, mask) -> np.ndarray [batch, len]`` over length-sorted, padded
+    batches; return per-sequence score arrays in input order, each cut to its length - trim."""
+    import torch
+
+    res = [None] * len(seqs)
+    with torch.inference_mode():
+        for batch in length_sorted_batches([len(s) for s in seqs], batch_size, max_batch_tokens):
+            ids, mask = pad_batch([seqs[k] for k in batch], pad_id)
+            scores = score_fn(ids.to(device), mask.to(device))
+            for row, k in enumerate(batch):
+                res[k] = scores[row, : len(seqs[k]) - trim]
+    return res

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from tokenskip.pruning.scorers import ScoredChunk, ScoredText, chunk_bounds, length_sorted_batches, pad_batch, resolve_device
+from tokenskip.pruning.scorers import ScoredChunk, ScoredText, batched_scores, chunk_bounds, resolve_device
 
 
 class SelfInfoScorer:
@@ -68,16 +68,9 @@ class SelfInfoScorer:
         return out
 
     def _forward(self, seqs: list[list[int]]) -> list[np.ndarray]:
-        import torch
+        def keep_prob(ids, mask):  # 1 - p(token | prefix); the first token has no prefix
+            logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            logp = logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+            return (1.0 - logp.exp()).clamp_(0.0, 1.0).cpu().numpy().astype(np.float32)
 
-        res: list[np.ndarray | None] = [None] * len(seqs)
-        with torch.inference_mode():
-            for batch in length_sorted_batches([len(s) for s in seqs], self.batch_size, self.max_batch_tokens):
-                ids, mask = pad_batch([seqs[k] for k in batch], self.pad_id)
-                ids, mask = ids.to(self.device), mask.to(self.device)
-                logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-                logp = logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
-                keep = (1.0 - logp.exp()).clamp_(0.0, 1.0).cpu().numpy().astype(np.float32)
-                for row, k in enumerate(batch):
-                    res[k] = keep[row, : len(seqs[k]) - 1]
-        return res  # type: ignore[return-value]
+        return batched_scores(seqs, self.batch_size, self.max_batch_tokens, self.pad_id, self.device, keep_prob, trim=1)
