@@ -13,6 +13,11 @@ Prints output tokens/s for each and the ratio (b)/(a). Run on its own (it starts
 and Ray):
 
     flock /tmp/tokenskip-heavy.lock python -m benchmarks.generate --n 64 --ref-n 4
+
+The yield report (correct answers, rows ``build_sft`` keeps with ``cot_source: generated``)
+comes from (b)'s own output, e.g. the embedded model on 200 GSM8K train questions:
+
+    python -m benchmarks.generate --split train --n 200 --ref-n 4 --json benchmarks/results/generate_cpu.json
 """
 
 from __future__ import annotations
@@ -89,7 +94,20 @@ def bench_ray_stage(model: str, n: int, split: str, dataset: str, max_new_tokens
     wall = time.perf_counter() - t0
     tokens = m["last_run"]["output_tokens"]
     return {"prompts": n, "output_tokens": tokens, "seconds": round(wall, 2), "tokens_per_s": round(tokens / wall, 2),
-            "backend": m["backend"], "accuracy": m["counts"]["accuracy"], "correct": m["counts"]["correct"]}
+            "backend": m["backend"], "accuracy": m["counts"]["accuracy"], "correct": m["counts"]["correct"],
+            "batch_size": cfg.batch_size, "max_concurrent_batches": cfg.max_concurrent_batches}
+
+
+def yield_report(gen_dir: str, max_cot_tokens: int) -> dict:
+    """What ``build_sft`` (cot_source: generated) keeps from the stage's output."""
+    from pipelines.build_sft import select_cots
+    from tokenskip.config import BuildSFTConfig
+
+    cfg = BuildSFTConfig(cot_source="generated", generations=gen_dir, max_cot_tokens=max_cot_tokens,
+                         cots_dir=str(Path(gen_dir).parent / "cots"))
+    counts = select_cots(cfg, force=True)["counts"]
+    return {"questions": counts["total"], "correct": counts["correct"], "kept": counts["kept"],
+            "accuracy": round(counts["correct"] / max(1, counts["total"]), 4), "max_cot_tokens": max_cot_tokens}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="auto", choices=["auto", "ray_data_llm", "vllm_udf"])
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--skip-bare", action="store_true")
+    p.add_argument("--out-dir", help="keep the stage's output here (default: a temporary directory)")
+    p.add_argument("--max-cot-tokens", type=int, default=500, help="build_sft's length limit for the yield report")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     from tokenskip import engine
@@ -119,8 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(res["c_bare_vllm"]), flush=True)
     print(f"(b) Ray Data + vLLM stage on {args.n} prompts ...", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-gen-") as tmp:
+        gen_dir = str(Path(args.out_dir or tmp) / "generate")
         res["b_ray_data_stage"] = bench_ray_stage(args.model, args.n, args.split, args.dataset, args.max_new_tokens,
-                                                  args.backend, args.batch_size, str(Path(tmp) / "generate"))
+                                                  args.backend, args.batch_size, gen_dir)
+        res["yield"] = yield_report(gen_dir, args.max_cot_tokens)
     b, a = res["b_ray_data_stage"], res["a_transformers_bs1"]
     if "c_bare_vllm" in res:
         start = res["c_bare_vllm"]["engine_start_s"]
@@ -137,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  ratio (b)/(a): {res['ratio_b_over_a']}x end to end"
           + (f", {round(b['tokens_per_s_excl_engine_start'] / a['tokens_per_s'], 2)}x without engine start"
              if "tokens_per_s_excl_engine_start" in b else ""))
-    print(f"  model accuracy on these {args.n} prompts: {b['accuracy']} ({b['correct']} correct)")
+    y = res["yield"]
+    print(f"  yield on {args.dataset}:{args.split} ({y['questions']} questions): {y['correct']} correct "
+          f"(accuracy {y['accuracy']}), {y['kept']} kept by build_sft (correct, <= {y['max_cot_tokens']} CoT tokens)")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
     return 0

@@ -29,7 +29,6 @@ manifest is written last; with it present the stage is skipped unless ``force``.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -241,11 +240,11 @@ def _ray_data_llm_generate(ds, cfg: GenerateConfig, max_new_tokens: int):
         import ray
 
         job_env = (ray.get_runtime_context().runtime_env or {}).get("env_vars") or {}
-        env_vars = {k: os.environ[k] for k in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_KVCACHE_SPACE")
-                    if k in os.environ and k not in job_env}
+        env_vars = {k: v for k, v in engine.cpu_env_vars().items() if k not in job_env}
         runtime_env = {"env_vars": env_vars} if env_vars else None
     proc_cfg = vLLMEngineProcessorConfig(
         model_source=model, engine_kwargs=kw, batch_size=cfg.batch_size, concurrency=cfg.concurrency,
+        max_concurrent_batches=cfg.max_concurrent_batches,
         placement_group_config=pg, chat_template_stage=False, tokenize_stage=False, detokenize_stage=False,
         should_continue_on_error=True, runtime_env=runtime_env)
     sp = {"max_tokens": max_new_tokens, "temperature": cfg.temperature, "seed": cfg.seed}

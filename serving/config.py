@@ -88,6 +88,14 @@ class ServeAppConfig:
         self.base_ratios = normalize_ratios(self.base_ratios, "base_ratios")
         if self.base_expected_cot_tokens is not None:
             self.base_expected_cot_tokens = parse_ratio_table(self.base_expected_cot_tokens, "base_expected_cot_tokens")
+        queued = (self.ingress_deployment or {}).get("max_queued_requests", -1)
+        if queued not in (None, -1):
+            # A full ingress queue is answered by Serve's HTTP proxy itself (a plain-text 503),
+            # before any of this app's code runs; the model deployment's queue limit comes back
+            # as an OpenAI-style 503 with Retry-After.
+            raise ConfigError("ingress_deployment.max_queued_requests: bound the queue on model_deployment instead "
+                              "(its overflow is answered with an OpenAI-style 503 + Retry-After; the ingress's "
+                              "would be a plain-text 503 from Serve's proxy)")
         names = [a.name for a in self.adapters]
         if len(names) != len(set(names)):
             raise ConfigError(f"adapters: duplicate names in {names}")

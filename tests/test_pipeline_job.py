@@ -6,9 +6,6 @@ own head process (never `ray stop`, which would hit every Ray on the machine).""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,16 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 pytestmark = pytest.mark.integration
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def tiny_pipeline_config(run_dir: Path, model: str) -> dict:
@@ -50,60 +37,8 @@ def tiny_pipeline_config(run_dir: Path, model: str) -> dict:
     }
 
 
-def _env(tmp: Path) -> dict:
-    env = dict(os.environ)
-    env.update({"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
-                "PATH": f"{BIN}:{env.get('PATH', '')}"})
-    env.pop("RAY_ADDRESS", None)
-    return env
-
-
-@pytest.fixture
-def head_node(tmp_path_factory):
-    tmp = Path(f"/tmp/tsk-ray-{os.getpid()}")  # short: Ray's socket paths have a length limit
-    gcs, dash, client, mgr, node_mgr, dash_agent, metrics = _free_ports(7)
-    env = _env(tmp)
-    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-           f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", f"--ray-client-server-port={client}",
-           f"--object-manager-port={mgr}", f"--node-manager-port={node_mgr}", f"--dashboard-agent-listen-port={dash_agent}",
-           f"--metrics-export-port={metrics}", f"--temp-dir={tmp}", "--num-cpus=4", "--include-dashboard=true",
-           "--disable-usage-stats"]
-    head = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    address = f"http://127.0.0.1:{dash}"
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            r = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env, capture_output=True, text=True)
-            if r.returncode == 0:
-                break
-            if head.poll() is not None:
-                pytest.fail(f"ray start exited: {head.stdout.read()[-3000:]}")
-            time.sleep(2)
-        else:
-            pytest.fail("Ray head did not come up in 120 s")
-        yield address, env
-    finally:
-        # Stop exactly this cluster: SIGTERM its `ray start --block` process (it tears down the
-        # processes it started), then make sure nothing of its session is left.
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(head.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        import psutil
-
-        left = [p for p in psutil.process_iter(["pid", "cmdline"]) if str(tmp) in " ".join(p.info["cmdline"] or [])]
-        for p in left:
-            p.kill()
-        assert not [p for p in left if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "cluster processes survived"
-
-
-def test_ray_job_submit_runs_pipeline(head_node, tmp_path, tiny_llama):
-    address, env = head_node
+def test_ray_job_submit_runs_pipeline(ray_head, tmp_path, tiny_llama):
+    address, env = ray_head
     run_dir = tmp_path / "run"
     cfg_path = tmp_path / "tiny.yaml"
     cfg_path.write_text(yaml.safe_dump(tiny_pipeline_config(run_dir, tiny_llama)))

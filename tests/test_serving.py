@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import statistics
 import time
 import urllib.request
@@ -17,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tokenskip.testing import free_ports
+
 pytestmark = pytest.mark.integration
 
 openai = pytest.importorskip("openai")
@@ -24,12 +25,6 @@ openai = pytest.importorskip("openai")
 KEY = "test-key"
 BASE = "tiny-llama"
 QUESTION = "Natalia sold 48 clips in April and half as many in May. How many clips did she sell?"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +54,7 @@ def served(ray_local, tiny_llama, tiny_adapters, tmp_path_factory):
                              "max_queued_requests": 110,
                              "autoscaling_config": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8}},
     }
-    port = _free_port()
+    port = free_ports(1)[0]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     t0 = time.time()
     serve.run(build_app(args), name="tokenskip", route_prefix="/")
@@ -287,37 +282,3 @@ def test_prometheus_metrics_exported(served, client, ray_local):
         time.sleep(2)
     assert 'adapter="a"' in text and 'gamma="0.5"' in text, text[-2000:]
     assert "tokenskip_generated_tokens" in text
-
-
-@pytest.mark.slow
-def test_tokenskip_serve_cli(tiny_llama, tmp_path):
-    """`tokenskip serve --config <Serve config>` starts its own local Ray + Serve and stops on SIGTERM."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    import yaml
-
-    root = Path(__file__).resolve().parents[1]
-    conf = yaml.safe_load((root / "serving" / "serve_config.yaml").read_text())
-    port = _free_port()
-    conf["applications"][0]["args"].update({"model": tiny_llama, "model_id": BASE, "adapters": [],
-                                            "engine_kwargs": {"max_model_len": 512}})
-    conf["applications"][0]["args"]["model_deployment"].pop("autoscaling_config")
-    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(conf))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen([sys.executable, "-m", "tokenskip.cli", "serve", "--config", str(tmp_path / "serve.yaml"),
-                             "--port", str(port), "--num-cpus", "4", "default_max_tokens=4"], cwd=root, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 240
-        for line in proc.stdout:
-            if "OpenAI API at" in line or time.time() > deadline:
-                break
-        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
-        r = c.completions.create(model=BASE, prompt="hi")
-        assert r.usage.completion_tokens == 4
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=120) == 0

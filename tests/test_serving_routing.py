@@ -143,6 +143,9 @@ def test_config_validation_and_shipped_yaml():
         ServeAppConfig.from_dict({"model": "m", "model_id": "a:b"})
     with pytest.raises(ConfigError):
         ServeAppConfig.from_dict({"model": "m", "adapters": [{"name": "../x", "path": "/p"}]})
+    with pytest.raises(ConfigError, match="ingress_deployment.max_queued_requests"):
+        ServeAppConfig.from_dict({"model": "m", "ingress_deployment": {"max_queued_requests": 10}})
+    assert ServeAppConfig.from_dict({"model": "m", "ingress_deployment": {"max_queued_requests": -1}})
     with pytest.raises(ConfigError, match="duplicate"):
         ServeAppConfig.from_dict({"model": "m", "adapters": [{"name": "a", "path": "/p"}, {"name": "a", "path": "/q"}]})
     from serving.run import load_serve_config

@@ -117,6 +117,9 @@ class GenerateConfig:
     temperature: float = 0.0
     seed: int = 0
     batch_size: int = field(default=16, metadata={"help": "rows per Ray Data batch sent to one engine"})
+    max_concurrent_batches: int = field(default=16, metadata={
+        "help": "ray_data_llm: batches in flight per engine; keep batch_size x this above the engine's max_num_seqs "
+                "so rows queue in the engine while a batch waits for its slowest row"})
     shard_rows: int = field(default=64, metadata={"help": "rows per committed output part (the resume granularity)"})
     concurrency: int = field(default=1, metadata={"help": "number of vLLM engine replicas"})
     num_gpus: float = field(default=0.0, metadata={"help": "GPUs per replica (tensor_parallel_size x pipeline size)"})
@@ -127,7 +130,7 @@ class GenerateConfig:
     placement_group_config: dict | None = field(default=None, metadata={"help": "ray_data_llm backend: vLLMEngineProcessorConfig.placement_group_config as-is"})
 
     def __post_init__(self) -> None:
-        _positive(self, "batch_size", "shard_rows", "concurrency")
+        _positive(self, "batch_size", "shard_rows", "concurrency", "max_concurrent_batches")
         _positive(self, "max_new_tokens", "max_prompt_tokens", allow_none=True)
         _nonneg(self, "temperature", "num_gpus", "num_cpus")
         _choice(self, "backend", ("auto", "ray_data_llm", "vllm_udf"))

@@ -23,11 +23,28 @@ def on_gpu() -> bool:
         return False
 
 
+CPU_ENV_KEYS = ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_KVCACHE_SPACE", "VLLM_USE_AOT_COMPILE")
+
+
 def cpu_env_defaults() -> None:
-    """vLLM-CPU binds OpenMP threads to a core list; bind all cores (1.55x measured)."""
+    """Environment for vLLM-CPU engines started from this process (users' values win).
+
+    * ``VLLM_CPU_OMP_THREADS_BIND``: OpenMP threads are bound to a core list; all cores
+      (1.55x over vLLM's default measured on 2 cores).
+    * ``VLLM_USE_AOT_COMPILE=0``: vllm-cpu 0.32's AOT-compiled artifact never loads back
+      ("'function' object has no attribute 'finalize_loading'"), so every engine start
+      recompiled the model (~65 s of an 83-92 s init here); with the Inductor cache path
+      a warm start's init takes ~25 s, same tokens/s (see benchmarks/RESULTS.md).
+    """
     if not on_gpu():
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{max(1, os.cpu_count() or 1) - 1}")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
+
+
+def cpu_env_vars() -> dict[str, str]:
+    """The vLLM-CPU variables of this process (after :func:`cpu_env_defaults`), for a runtime_env."""
+    return {k: os.environ[k] for k in CPU_ENV_KEYS if k in os.environ}
 
 
 def engine_kwargs_for(model: str, engine_kwargs: dict | None = None, *, enable_lora: bool = False, max_lora_rank: int = 16,

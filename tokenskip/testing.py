@@ -1,6 +1,6 @@
 """Tiny randomly initialised models built from the real embedded tokenizers (seconds, no
 download), for fast tests: a Llama-style causal LM with head dim 64 (vLLM's CPU backend
-rejects head size 16) and a BERT token classifier.
+rejects head size 16) and a BERT token classifier; and free local ports for test servers.
 """
 
 from __future__ import annotations
@@ -9,6 +9,20 @@ import os
 from pathlib import Path
 
 from tokenskip import assets
+
+
+def free_ports(n: int = 1) -> list[int]:
+    """``n`` distinct TCP ports that are free on 127.0.0.1 right now."""
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def build_tiny_llama(out_dir: str | os.PathLike, hidden: int = 128, layers: int = 2, seed: int = 0) -> Path:

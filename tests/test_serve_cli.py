@@ -1,0 +1,146 @@
+"""The shipped Serve config through Ray's own CLIs: `serve deploy` to a running cluster
+(its own `ray start --head` on 127.0.0.1), `serve run` in the foreground, and
+`tokenskip serve`. Each starts and stops what it uses; the model is the tiny Llama.
+
+    flock /tmp/tokenskip-heavy.lock .venv/bin/python -m pytest -q tests/test_serve_cli.py -m 'slow or not slow' -s
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tokenskip.testing import free_ports
+
+openai = pytest.importorskip("openai")
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+BASE = "tiny-llama"
+
+
+def shipped_config(tmp_path: Path, tiny_llama: str, adapter: str | None, port: int) -> Path:
+    """serving/serve_config.yaml as shipped, with the tiny model, a free port and (optionally)
+    one adapter; everything else (deployments, autoscaling, runtime_env) unchanged."""
+    conf = yaml.safe_load((ROOT / "serving" / "serve_config.yaml").read_text())
+    conf["http_options"]["port"] = port
+    args = conf["applications"][0]["args"]
+    args.update({"model": tiny_llama, "model_id": BASE, "engine_kwargs": {"max_model_len": 512},
+                 "default_max_tokens": 6, "adapters": [{"name": "a", "path": adapter}] if adapter else []})
+    path = tmp_path / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(conf))
+    return path
+
+
+def _wait_http(url: str, proc: subprocess.Popen | None = None, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if json.loads(urllib.request.urlopen(url, timeout=5).read()).get("data"):
+                return
+        except (OSError, ValueError):
+            pass
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}: {proc.stdout.read()[-4000:]}")
+        time.sleep(2)
+    pytest.fail(f"{url} did not answer in {timeout} s")
+
+
+def _check_endpoint(port: int, with_adapter: bool) -> None:
+    c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=120)
+    ids = [m.id for m in c.models.list().data]
+    assert BASE in ids and ((f"{BASE}:a" in ids) == with_adapter), ids
+    r = c.completions.create(model=BASE, prompt="hi")
+    assert r.usage.completion_tokens == 6  # default_max_tokens from the config's args
+    if with_adapter:
+        r = c.chat.completions.create(model=f"{BASE}:a", messages=[{"role": "user", "content": "What is 2+3?"}],
+                                      max_tokens=4, extra_body={"compression_ratio": 0.5, "return_prompt": True})
+        assert r.model_extra["compression_ratio"] == 0.5
+        assert "<|eot_id|>0.5<|eot_id|>" in r.model_extra["tokenskip"]["prompt"]
+    with pytest.raises(openai.NotFoundError):
+        c.completions.create(model=f"{BASE}:missing", prompt="hi")
+
+
+def test_serve_deploy_to_running_cluster(ray_head, tiny_llama, tiny_adapters, tmp_path):
+    """`serve deploy serving/serve_config.yaml -a <dashboard>`: the config deploys as written,
+    `serve status` reports it RUNNING, the OpenAI API answers, `serve shutdown` removes it."""
+    address, env = ray_head
+    port = free_ports(1)[0]
+    cfg = shipped_config(tmp_path, tiny_llama, tiny_adapters[0], port)
+    serve = str(BIN / "serve")
+    r = subprocess.run([serve, "deploy", str(cfg), "-a", address], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    deadline, status = time.time() + 360, ""
+    while time.time() < deadline:
+        s = subprocess.run([serve, "status", "-a", address], env=env, capture_output=True, text=True, timeout=60)
+        status = s.stdout
+        apps = (yaml.safe_load(status) or {}).get("applications") or {}
+        app = apps.get("tokenskip") or {}
+        if app.get("status") == "RUNNING":
+            break
+        assert app.get("status") not in ("DEPLOY_FAILED", "UNHEALTHY"), status
+        time.sleep(3)
+    else:
+        pytest.fail(f"app not RUNNING in time:\n{status}")
+    deployments = app["deployments"]
+    assert set(deployments) == {"OpenAIIngress", "TokenSkipModel"}, status
+    _check_endpoint(port, with_adapter=True)
+    r = subprocess.run([serve, "shutdown", "-a", address, "-y"], env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5)
+
+
+def _stop(proc: subprocess.Popen, sig: int) -> int:
+    proc.send_signal(sig)
+    try:
+        return proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
+    return env
+
+
+@pytest.mark.slow
+def test_serve_run_foreground(tiny_llama, tmp_path):
+    """`serve run serving/serve_config.yaml`: starts its own local Ray, serves, Ctrl-C stops it."""
+    port = free_ports(1)[0]
+    cfg = shipped_config(tmp_path, tiny_llama, None, port)
+    proc = subprocess.Popen([str(BIN / "serve"), "run", str(cfg)], cwd=ROOT, env=_env(), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/v1/models", proc)
+        _check_endpoint(port, with_adapter=False)
+    finally:
+        _stop(proc, signal.SIGINT)
+
+
+@pytest.mark.slow
+def test_tokenskip_serve_cli(tiny_llama, tmp_path):
+    """`tokenskip serve --config <Serve config>` starts its own local Ray + Serve and stops on SIGTERM."""
+    port = free_ports(1)[0]
+    cfg = shipped_config(tmp_path, tiny_llama, None, port)
+    proc = subprocess.Popen([sys.executable, "-m", "tokenskip.cli", "serve", "--config", str(cfg), "--port", str(port),
+                             "--num-cpus", "4", "default_max_tokens=6"], cwd=ROOT, env=_env(), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/v1/models", proc)
+        _check_endpoint(port, with_adapter=False)
+    finally:
+        assert _stop(proc, signal.SIGTERM) == 0
