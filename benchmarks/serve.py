@@ -105,7 +105,11 @@ class DirectEngine:
         return time.perf_counter() - t, c.text, len(c.token_ids)
 
     def close(self) -> None:
+        import gc
+
         self.llm.shutdown()
+        self.llm = None  # collected now, not at interpreter exit (AsyncLLM.__del__ then fails)
+        gc.collect()
         self.loop.close()
 
 

@@ -41,3 +41,32 @@ def load_stage(path: str, overrides: list[str], stage: str):
         return cfg, pipe.ray
     cfg = load_config(KINDS[stage], path, overrides)
     return cfg, dict(getattr(cfg, "ray", None) or {})
+
+
+def stage_main(stage: str, module_doc: str, argv: list[str] | None, run, summary, *,
+               errors: tuple[type[BaseException], ...] = (), prepare=None, init_ray: bool = True) -> int:
+    """The ``main()`` of a one-stage entrypoint: parse, load the stage config (stage or
+    pipeline YAML), ``prepare()``, start/join Ray, ``run(cfg, force=...)`` and print
+    ``summary(cfg, manifest)`` as JSON. Config errors and the stage's own input errors
+    (``errors``) print one line naming the problem and exit 2, with no traceback."""
+    import json
+
+    prog = f"tokenskip {stage}"
+    args = parser(prog, module_doc.split("\n", 2)[2]).parse_args(argv)
+    setup_logging()
+    from tokenskip.config import ConfigError
+
+    try:
+        cfg, ray_kwargs = load_stage(args.config, args.overrides, stage)
+        if prepare is not None:
+            prepare()
+        if init_ray:
+            from pipelines.common import init_ray as _init_ray
+
+            _init_ray(ray_kwargs)
+        manifest = run(cfg, force=args.force)
+    except (ConfigError, *errors) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary(cfg, manifest), indent=2))
+    return 0

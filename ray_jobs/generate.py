@@ -11,10 +11,9 @@ Locally: ``tokenskip generate -c configs/data/gsm8k-smollm2-gold.yaml generate.d
 
 from __future__ import annotations
 
-import json
 import sys
 
-from ray_jobs._args import load_stage, parser, setup_logging
+from ray_jobs._args import load_stage, stage_main
 
 
 def load(path: str, overrides: list[str]):
@@ -22,23 +21,16 @@ def load(path: str, overrides: list[str]):
     return load_stage(path, overrides, "generate")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser("tokenskip generate", __doc__.split("\n", 2)[2]).parse_args(argv)
-    setup_logging()
-    from tokenskip.config import ConfigError
-
-    try:
-        cfg, ray_kwargs = load(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    from pipelines.common import init_ray
+def _run(cfg, force: bool) -> dict:
     from pipelines.generate import run_generate
 
-    init_ray(ray_kwargs)
-    manifest = run_generate(cfg, force=args.force)
-    print(json.dumps({"output_dir": cfg.output_dir, "counts": manifest["counts"]}))
-    return 0
+    return run_generate(cfg, force=force)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main("generate", __doc__, argv, _run,
+                      lambda cfg, m: {"output_dir": cfg.output_dir, "counts": m["counts"]},
+                      errors=(FileNotFoundError,))
 
 
 if __name__ == "__main__":

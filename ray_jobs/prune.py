@@ -11,10 +11,9 @@ Locally: ``tokenskip prune -c configs/prune/local-selfinfo.yaml input=cots.jsonl
 
 from __future__ import annotations
 
-import json
 import sys
 
-from ray_jobs._args import load_stage, parser, setup_logging
+from ray_jobs._args import load_stage, stage_main
 
 
 def load(path: str, overrides: list[str]):
@@ -22,30 +21,23 @@ def load(path: str, overrides: list[str]):
     return load_stage(path, overrides, "prune")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser("tokenskip prune", __doc__.split("\n", 2)[2]).parse_args(argv)
-    setup_logging()
-    from tokenskip.config import ConfigError
-
-    try:
-        cfg, ray_kwargs = load(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    from pipelines.common import init_ray
+def _run(cfg, force: bool) -> dict:
     from pipelines.prune import run_prune
+
+    return run_prune(cfg, force=force)
+
+
+def _prepare() -> None:
     from tokenskip import assets
 
     assets.ensure_tiktoken()  # sets TIKTOKEN_CACHE_DIR before Ray workers inherit the env
-    init_ray(ray_kwargs)
-    try:
-        manifest = run_prune(cfg, force=args.force)
-    except (FileNotFoundError, KeyError, ValueError) as e:
-        print(f"prune failed: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps({"output_dir": cfg.output_dir, "counts": manifest["counts"], "per_ratio": manifest.get("per_ratio")}, indent=2))
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main("prune", __doc__, argv, _run,
+                      lambda cfg, m: {"output_dir": cfg.output_dir, "counts": m["counts"], "per_ratio": m.get("per_ratio")},
+                      errors=(FileNotFoundError, KeyError, ValueError), prepare=_prepare)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -12,10 +12,9 @@ Locally: ``tokenskip train -c configs/train/smollm2-cpu.yaml dataset=runs/x/buil
 
 from __future__ import annotations
 
-import json
 import sys
 
-from ray_jobs._args import load_stage, parser, setup_logging
+from ray_jobs._args import load_stage, stage_main
 
 
 def load(path: str, overrides: list[str]):
@@ -23,23 +22,19 @@ def load(path: str, overrides: list[str]):
     return load_stage(path, overrides, "train")[0]
 
 
+def _run(cfg, force: bool) -> dict:
+    from pipelines.train import run_train
+
+    return run_train(cfg, force=force)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser("tokenskip train", __doc__.split("\n", 2)[2]).parse_args(argv)
-    setup_logging()
-    from tokenskip.config import ConfigError
     from tokenskip.training import TrainDataError
 
-    try:
-        cfg = load(args.config, args.overrides)
-        from pipelines.train import run_train
-
-        manifest = run_train(cfg, force=args.force)
-    except (ConfigError, TrainDataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({"output_dir": cfg.output_dir, "adapter": manifest.get("adapter"), "counts": manifest["counts"],
-                      "final_metrics": manifest.get("final_metrics")}))
-    return 0
+    return stage_main("train", __doc__, argv, _run,
+                      lambda cfg, m: {"output_dir": cfg.output_dir, "adapter": m.get("adapter"), "counts": m["counts"],
+                                      "final_metrics": m.get("final_metrics")},
+                      errors=(TrainDataError,), init_ray=False)  # run_train joins Ray with cfg.ray itself
 
 
 if __name__ == "__main__":
