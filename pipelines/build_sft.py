@@ -34,8 +34,13 @@ def cots_dir(cfg: BuildSFTConfig) -> Path:
     return Path(cfg.output_dir).parent / "cots"
 
 
-def _skip(out: Path, force: bool) -> dict | None:
-    return artifacts.skip_if_finished(out, force)
+# The cots stage reads only these keys of the shared build_sft config: changing the ratios
+# must not refuse a finished cots stage.
+_COTS_KEYS = ("generations", "data", "cot_source", "max_cot_tokens", "target_tokenizer")
+
+
+def _skip(out: Path, force: bool, fingerprint: dict) -> dict | None:
+    return artifacts.skip_if_finished(out, force, fingerprint)
 
 
 def _count_tokens(tokenizer_name: str, texts: list[str]) -> list[int]:
@@ -53,7 +58,7 @@ def _count_tokens(tokenizer_name: str, texts: list[str]) -> list[int]:
 def select_cots(cfg: BuildSFTConfig, force: bool = False) -> dict:
     """Write the ``cots`` stage dir (rows: id, question, gold, kind, cot, cot_tokens)."""
     out = cots_dir(cfg)
-    done = _skip(out, force)
+    done = _skip(out, force, {k: getattr(cfg, k) for k in _COTS_KEYS})
     if done is not None:
         return done
     kept: list[dict] = []
@@ -118,7 +123,7 @@ def run_build_sft(cfg: BuildSFTConfig, force: bool = False) -> dict:
     if not cfg.output_dir:
         raise ValueError("build_sft.output_dir is not set (a pipeline config sets it from run_dir)")
     out = Path(cfg.output_dir)
-    done = _skip(out, force)
+    done = _skip(out, force, cfg)
     if done is not None:
         return done
     cdir = cots_dir(cfg)

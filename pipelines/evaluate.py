@@ -125,9 +125,11 @@ def run_evaluate(cfg: EvalConfig, force: bool = False) -> dict:
     validate(cfg)
     out = Path(cfg.output_dir)
     if artifacts.is_complete(out) and not force:
+        artifacts.check_fingerprint(out, cfg)  # a finished run with another config is refused
         log.info("%s is finished (manifest present); returning it (use --force to re-run)", out)
         return artifacts.read_manifest(out)
     artifacts.reset_stage(out)  # a re-run overwrites, never mixes with an older run's samples
+    artifacts.check_fingerprint(out, cfg)  # records this run's
     if _use_ray(cfg):
         import ray
 

@@ -113,7 +113,7 @@ def run_prune(cfg: PruneConfig, force: bool = False) -> dict:
     if not cfg.output_dir:
         raise ValueError("prune.output_dir is not set (a pipeline config sets it from run_dir)")
     out = Path(cfg.output_dir)
-    finished = artifacts.skip_if_finished(out, force)
+    finished = artifacts.skip_if_finished(out, force, cfg)
     if finished is not None:
         return finished
     good, bad, src = read_input(cfg)

@@ -171,7 +171,7 @@ def run_train(cfg: TrainConfig, force: bool = False) -> dict:
     if not cfg.output_dir:
         raise ConfigError("train.output_dir is not set")
     out = Path(cfg.output_dir)
-    finished = artifacts.skip_if_finished(out, force)
+    finished = artifacts.skip_if_finished(out, force, cfg)
     if finished is not None:
         return finished
     rows, train_file, upstream = load_train_rows(cfg)  # fails before Ray / workers start

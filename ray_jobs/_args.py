@@ -54,6 +54,7 @@ def stage_main(stage: str, module_doc: str, argv: list[str] | None, run, summary
     prog = f"tokenskip {stage}"
     args = parser(prog, module_doc.split("\n", 2)[2]).parse_args(argv)
     setup_logging()
+    from tokenskip.artifacts import StageError
     from tokenskip.config import ConfigError
 
     try:
@@ -65,7 +66,7 @@ def stage_main(stage: str, module_doc: str, argv: list[str] | None, run, summary
 
             _init_ray(ray_kwargs)
         manifest = run(cfg, force=args.force)
-    except (ConfigError, *errors) as e:
+    except (ConfigError, StageError, *errors) as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
     print(json.dumps(summary(cfg, manifest), indent=2))

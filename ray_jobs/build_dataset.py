@@ -79,7 +79,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if {"generate", "prune"} & set(pipe.stages):
         init_ray(pipe.ray)
-    results = run(pipe, force=args.force)
+    from tokenskip.artifacts import StageError
+
+    try:
+        results = run(pipe, force=args.force)
+    except StageError as e:
+        print(f"tokenskip build-sft: {e}", file=sys.stderr)
+        return 2
     print(json.dumps({"run_dir": pipe.run_dir, "counts": {k: v.get("counts") for k, v in results.items()}}))
     return 0
 

@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     setup_logging()
     from pipelines.evaluate import EvalInputError, run_evaluate
+    from tokenskip.artifacts import StageError
     from tokenskip.config import ConfigError, EvalConfig, load_config
 
     overrides = list(args.overrides)
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(EvalConfig, args.config, overrides)
         manifest = run_evaluate(cfg, force=args.force)
-    except (ConfigError, EvalInputError) as e:
+    except (ConfigError, EvalInputError, StageError) as e:
         print(f"tokenskip eval: {e}", file=sys.stderr)
         return 2
     from pathlib import Path

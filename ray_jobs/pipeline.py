@@ -44,6 +44,7 @@ def _stage_plan(pipe) -> list[str]:
 
 def run_pipeline(pipe, force: bool = False, force_stage: str | None = None) -> dict:
     from pipelines.common import init_ray
+    from tokenskip.artifacts import ConfigChanged
     from tokenskip.config import stage_config
 
     init_ray(pipe.ray)
@@ -60,7 +61,11 @@ def run_pipeline(pipe, force: bool = False, force_stage: str | None = None) -> d
         log.info("[%d/%d] stage %s%s", i, len(plan), stage, " (forced)" if forcing else "")
         module, func, section = RUNNERS[stage]
         runner = getattr(importlib.import_module(module), func)
-        results[stage] = runner(stage_config(pipe, section), force=forcing)
+        try:
+            results[stage] = runner(stage_config(pipe, section), force=forcing)
+        except ConfigChanged as e:
+            raise ConfigChanged(f"stage {stage}: {e} (in a pipeline: --force-stage {stage} redoes it and every later "
+                                f"stage)") from None
         timings[stage] = round(time.time() - t0, 1)
         log.info("[%d/%d] stage %s done in %.1f s", i, len(plan), stage, timings[stage])
     summary = summarize(pipe, results, timings)
@@ -118,7 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    summary = run_pipeline(pipe, force=args.force, force_stage=args.force_stage)
+    from tokenskip.artifacts import ConfigChanged
+
+    try:
+        summary = run_pipeline(pipe, force=args.force, force_stage=args.force_stage)
+    except ConfigChanged as e:
+        print(f"tokenskip pipeline: {e}", file=sys.stderr)
+        return 2
     print_summary(summary)
     print(json.dumps({"summary": str(Path(pipe.run_dir) / "summary.json")}))
     return 0

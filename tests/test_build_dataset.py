@@ -163,3 +163,9 @@ def test_kill_mid_generation_then_resume(tmp_path, tiny_llama, ray_local):
     assert set(results["build_sft"]["mean_actual_ratio"]) == {"1.0", "0.9", "0.7", "0.5"}
     for g, r in results["build_sft"]["mean_actual_ratio"].items():
         assert abs(r - float(g)) < 0.25, (g, r)
+    # 4. The same run_dir with an output-deciding key changed is refused before any work
+    #    (the backend above is operational and may change on resume); nothing is lost.
+    pipe.generate.max_new_tokens = 32
+    with pytest.raises(artifacts.ConfigChanged, match="max_new_tokens: 64 -> 32"):
+        run(pipe)
+    assert artifacts.read_manifest(gen)["finished_at"] == manifest["finished_at"]

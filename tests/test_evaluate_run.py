@@ -3,6 +3,7 @@ bad inputs that must fail before any model loads (fast)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.evaluate import EvalInputError, check_dataset, run_evaluate, validate
+from tokenskip import artifacts
 from tokenskip import evaluation as ev
 from tokenskip.config import EvalConfig
 from tokenskip.prompt import BASELINE_PROMPTS
@@ -199,6 +201,10 @@ def test_truncation_cuts_at_gamma_times_length(tiny_run, tiny_llama):
 def test_rerun_returns_manifest_without_engine(tiny_run, no_engine):
     cfg, manifest, _ = tiny_run
     assert run_evaluate(cfg) == manifest
+    # the same output_dir with another limit is refused, not answered with the old results
+    with pytest.raises(artifacts.StageError, match=r"limit: \S+ -> 1\b"):
+        run_evaluate(dataclasses.replace(cfg, limit=1))
+    assert artifacts.read_manifest(cfg.output_dir) == manifest
 
 
 @pytest.mark.integration

