@@ -21,6 +21,8 @@ export TORCHINDUCTOR_CACHE_DIR ?= $(TOKENSKIP_HOME)/inductor
 export TOKENIZERS_PARALLELISM ?= false
 STAMP := $(VENV)/.tokenskip-setup
 PYTEST_ARGS ?=
+# e.g. make quickstart QUICKSTART_ARGS="run_dir=runs/qs2 --force-stage train"
+QUICKSTART_ARGS ?=
 
 .PHONY: setup test test-all quickstart assets clean-venv lint
 
@@ -49,7 +51,7 @@ test-all: setup
 	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
 
 quickstart: setup
-	$(BIN)/tokenskip pipeline --config configs/quickstart.yaml
+	$(BIN)/tokenskip pipeline --config configs/quickstart.yaml $(QUICKSTART_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
