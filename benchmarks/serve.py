@@ -124,8 +124,6 @@ def endpoint_call(client, model: str, question: str, max_tokens: int, gamma: flo
 
 
 def run(args, model_dir: str, adapter: str, questions: list[str]) -> dict:
-    import socket
-
     import openai
     from ray import serve
 
@@ -133,11 +131,10 @@ def run(args, model_dir: str, adapter: str, questions: list[str]) -> dict:
     from serving.app import build_app
     from serving.routing import apply_ratio_to_messages, normalize_messages
     from tokenskip import prompt as tsprompt
+    from tokenskip.testing import free_ports
 
     init_ray({"num_cpus": 4})
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_ports(1)[0]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     # Prefix caching off on both sides: section 1 sends the same prompts to the replica first.
     engine_kwargs = {"max_model_len": 2048, "enable_prefix_caching": False}

@@ -39,10 +39,6 @@ def cots_dir(cfg: BuildSFTConfig) -> Path:
 _COTS_KEYS = ("generations", "data", "cot_source", "max_cot_tokens", "target_tokenizer")
 
 
-def _skip(out: Path, force: bool, fingerprint: dict) -> dict | None:
-    return artifacts.skip_if_finished(out, force, fingerprint)
-
-
 def _count_tokens(tokenizer_name: str, texts: list[str]) -> list[int]:
     from transformers import AutoTokenizer
 
@@ -58,7 +54,7 @@ def _count_tokens(tokenizer_name: str, texts: list[str]) -> list[int]:
 def select_cots(cfg: BuildSFTConfig, force: bool = False) -> dict:
     """Write the ``cots`` stage dir (rows: id, question, gold, kind, cot, cot_tokens)."""
     out = cots_dir(cfg)
-    done = _skip(out, force, {k: getattr(cfg, k) for k in _COTS_KEYS})
+    done = artifacts.skip_if_finished(out, force, {k: getattr(cfg, k) for k in _COTS_KEYS})
     if done is not None:
         return done
     kept: list[dict] = []
@@ -123,7 +119,7 @@ def run_build_sft(cfg: BuildSFTConfig, force: bool = False) -> dict:
     if not cfg.output_dir:
         raise ValueError("build_sft.output_dir is not set (a pipeline config sets it from run_dir)")
     out = Path(cfg.output_dir)
-    done = _skip(out, force, cfg)
+    done = artifacts.skip_if_finished(out, force, cfg)
     if done is not None:
         return done
     cdir = cots_dir(cfg)

@@ -27,9 +27,11 @@ def init_ray(ray_kwargs: dict[str, Any] | None = None, force_local: bool = False
         ray.init(**kwargs)
     else:
         # Local workers need the same offline caches as the driver.
+        from tokenskip.engine import CPU_ENV_KEYS
+
         env = {k: os.environ[k] for k in ("TOKENSKIP_HOME", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-                                          "HF_DATASETS_OFFLINE", "TIKTOKEN_CACHE_DIR", "VLLM_CPU_OMP_THREADS_BIND",
-                                          "VLLM_CPU_KVCACHE_SPACE", "TOKENIZERS_PARALLELISM") if k in os.environ}
+                                          "HF_DATASETS_OFFLINE", "TIKTOKEN_CACHE_DIR", "TOKENIZERS_PARALLELISM", *CPU_ENV_KEYS)
+               if k in os.environ}
         if env:
             runtime_env = dict(kwargs.pop("runtime_env", None) or {})
             runtime_env["env_vars"] = {**env, **runtime_env.get("env_vars", {})}

@@ -194,10 +194,11 @@ def check_fingerprint(stage_dir: str | os.PathLike, config: Any) -> None:
     path = stage_dir / FINGERPRINT
     new = config_fingerprint(config)
     complete = is_complete(stage_dir)
-    if not path.is_file() or not (complete or any(p.is_file() and p != path for p in stage_dir.rglob("*"))):
-        if not complete:  # (a stage finished before fingerprints existed has nothing to compare)
-            stage_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(path, new)
+    if complete and not path.is_file():  # finished before fingerprints existed: nothing to compare
+        return
+    if not complete and not any(p.is_file() and p != path for p in stage_dir.rglob("*")):
+        stage_dir.mkdir(parents=True, exist_ok=True)  # nothing written yet: this config is the one
+        atomic_write_json(path, new)
         return
     old = json.loads(path.read_text())
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
