@@ -55,11 +55,17 @@ def bench_transformers(model: str, prompts: list[str], max_new_tokens: int) -> d
     for p in prompts:
         enc = tok(p, return_tensors="pt", add_special_tokens=False)
         with torch.no_grad():
-            out = lm.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                              pad_token_id=tok.pad_token_id or tok.eos_token_id)
+            out = lm.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id
+            )
         tokens += int(out.shape[1] - enc["input_ids"].shape[1])
     dt = time.perf_counter() - t0
-    return {"prompts": len(prompts), "output_tokens": tokens, "seconds": round(dt, 2), "tokens_per_s": round(tokens / dt, 2)}
+    return {
+        "prompts": len(prompts),
+        "output_tokens": tokens,
+        "seconds": round(dt, 2),
+        "tokens_per_s": round(tokens / dt, 2),
+    }
 
 
 def bench_bare_vllm(model: str, prompts: list[str], max_new_tokens: int) -> dict:
@@ -76,26 +82,47 @@ def bench_bare_vllm(model: str, prompts: list[str], max_new_tokens: int) -> dict
     import gc
 
     gc.collect()
-    return {"prompts": len(prompts), "output_tokens": tokens, "engine_start_s": round(start, 2), "seconds": round(dt, 2),
-            "tokens_per_s": round(tokens / dt, 2)}
+    return {
+        "prompts": len(prompts),
+        "output_tokens": tokens,
+        "engine_start_s": round(start, 2),
+        "seconds": round(dt, 2),
+        "tokens_per_s": round(tokens / dt, 2),
+    }
 
 
-def bench_ray_stage(model: str, n: int, split: str, dataset: str, max_new_tokens: int, backend: str, batch_size: int,
-                    out_dir: str) -> dict:
+def bench_ray_stage(
+    model: str, n: int, split: str, dataset: str, max_new_tokens: int, backend: str, batch_size: int, out_dir: str
+) -> dict:
     from pipelines.common import init_ray
     from pipelines.generate import run_generate
     from tokenskip.config import DataSourceConfig, GenerateConfig
 
     init_ray({"num_cpus": 4})
-    cfg = GenerateConfig(model=model, data=DataSourceConfig(name=dataset, split=split, limit=n), output_dir=out_dir,
-                         max_new_tokens=max_new_tokens, batch_size=batch_size, shard_rows=batch_size, backend=backend)
+    cfg = GenerateConfig(
+        model=model,
+        data=DataSourceConfig(name=dataset, split=split, limit=n),
+        output_dir=out_dir,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        shard_rows=batch_size,
+        backend=backend,
+    )
     t0 = time.perf_counter()
     m = run_generate(cfg, force=True)
     wall = time.perf_counter() - t0
     tokens = m["last_run"]["output_tokens"]
-    return {"prompts": n, "output_tokens": tokens, "seconds": round(wall, 2), "tokens_per_s": round(tokens / wall, 2),
-            "backend": m["backend"], "accuracy": m["counts"]["accuracy"], "correct": m["counts"]["correct"],
-            "batch_size": cfg.batch_size, "max_concurrent_batches": cfg.max_concurrent_batches}
+    return {
+        "prompts": n,
+        "output_tokens": tokens,
+        "seconds": round(wall, 2),
+        "tokens_per_s": round(tokens / wall, 2),
+        "backend": m["backend"],
+        "accuracy": m["counts"]["accuracy"],
+        "correct": m["counts"]["correct"],
+        "batch_size": cfg.batch_size,
+        "max_concurrent_batches": cfg.max_concurrent_batches,
+    }
 
 
 def yield_report(gen_dir: str, max_cot_tokens: int) -> dict:
@@ -103,15 +130,26 @@ def yield_report(gen_dir: str, max_cot_tokens: int) -> dict:
     from pipelines.build_sft import select_cots
     from tokenskip.config import BuildSFTConfig
 
-    cfg = BuildSFTConfig(cot_source="generated", generations=gen_dir, max_cot_tokens=max_cot_tokens,
-                         cots_dir=str(Path(gen_dir).parent / "cots"))
+    cfg = BuildSFTConfig(
+        cot_source="generated",
+        generations=gen_dir,
+        max_cot_tokens=max_cot_tokens,
+        cots_dir=str(Path(gen_dir).parent / "cots"),
+    )
     counts = select_cots(cfg, force=True)["counts"]
-    return {"questions": counts["total"], "correct": counts["correct"], "kept": counts["kept"],
-            "accuracy": round(counts["correct"] / max(1, counts["total"]), 4), "max_cot_tokens": max_cot_tokens}
+    return {
+        "questions": counts["total"],
+        "correct": counts["correct"],
+        "kept": counts["kept"],
+        "accuracy": round(counts["correct"] / max(1, counts["total"]), 4),
+        "max_cot_tokens": max_cot_tokens,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--dataset", default="gsm8k")
     p.add_argument("--split", default="test")
@@ -140,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"(b) Ray Data + vLLM stage on {args.n} prompts ...", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-gen-") as tmp:
         gen_dir = str(Path(args.out_dir or tmp) / "generate")
-        res["b_ray_data_stage"] = bench_ray_stage(args.model, args.n, args.split, args.dataset, args.max_new_tokens,
-                                                  args.backend, args.batch_size, gen_dir)
+        res["b_ray_data_stage"] = bench_ray_stage(
+            args.model, args.n, args.split, args.dataset, args.max_new_tokens, args.backend, args.batch_size, gen_dir
+        )
         res["yield"] = yield_report(gen_dir, args.max_cot_tokens)
     b, a = res["b_ray_data_stage"], res["a_transformers_bs1"]
     if "c_bare_vllm" in res:
@@ -151,17 +190,30 @@ def main(argv: list[str] | None = None) -> int:
     print("\noutput tokens/s")
     print(f"  (a) transformers generate, batch 1 : {a['tokens_per_s']:8.1f}  ({a['prompts']} prompts)")
     if "c_bare_vllm" in res:
-        print(f"  (c) bare vllm.LLM                  : {res['c_bare_vllm']['tokens_per_s']:8.1f}  (engine start {res['c_bare_vllm']['engine_start_s']} s excluded)")
-    print(f"  (b) Ray Data + vLLM stage          : {b['tokens_per_s']:8.1f}  end to end, engine start included ({b['backend']})")
+        print(
+            f"  (c) bare vllm.LLM                  : {res['c_bare_vllm']['tokens_per_s']:8.1f}  "
+            f"(engine start {res['c_bare_vllm']['engine_start_s']} s excluded)"
+        )
+    print(
+        f"  (b) Ray Data + vLLM stage          : {b['tokens_per_s']:8.1f}  "
+        f"end to end, engine start included ({b['backend']})"
+    )
     if "tokens_per_s_excl_engine_start" in b:
         print(f"      ... minus engine start         : {b['tokens_per_s_excl_engine_start']:8.1f}")
     res["ratio_b_over_a"] = round(b["tokens_per_s"] / a["tokens_per_s"], 2)
-    print(f"  ratio (b)/(a): {res['ratio_b_over_a']}x end to end"
-          + (f", {round(b['tokens_per_s_excl_engine_start'] / a['tokens_per_s'], 2)}x without engine start"
-             if "tokens_per_s_excl_engine_start" in b else ""))
+    print(
+        f"  ratio (b)/(a): {res['ratio_b_over_a']}x end to end"
+        + (
+            f", {round(b['tokens_per_s_excl_engine_start'] / a['tokens_per_s'], 2)}x without engine start"
+            if "tokens_per_s_excl_engine_start" in b
+            else ""
+        )
+    )
     y = res["yield"]
-    print(f"  yield on {args.dataset}:{args.split} ({y['questions']} questions): {y['correct']} correct "
-          f"(accuracy {y['accuracy']}), {y['kept']} kept by build_sft (correct, <= {y['max_cot_tokens']} CoT tokens)")
+    print(
+        f"  yield on {args.dataset}:{args.split} ({y['questions']} questions): {y['correct']} correct "
+        f"(accuracy {y['accuracy']}), {y['kept']} kept by build_sft (correct, <= {y['max_cot_tokens']} CoT tokens)"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
     return 0

@@ -17,9 +17,33 @@ import json
 import time
 
 ARCH = {  # public config.json numbers
-    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
-    "qwen2.5-14b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False),
-    "qwen2.5-32b": dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False),
+    "qwen2.5-7b": dict(
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+    ),
+    "qwen2.5-14b": dict(
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=48,
+        num_attention_heads=40,
+        num_key_value_heads=8,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+    ),
+    "qwen2.5-32b": dict(
+        hidden_size=5120,
+        intermediate_size=27648,
+        num_hidden_layers=64,
+        num_attention_heads=40,
+        num_key_value_heads=8,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+    ),
 }
 
 
@@ -61,9 +85,17 @@ def measure(name: str, seq: int, micro: int, ckpt: bool) -> dict:
     del model, opt, out, params
     gc.collect()
     torch.cuda.empty_cache()
-    return {"model": name, "seq": seq, "micro_batch": micro, "grad_ckpt": ckpt, "lora_params": n_lora,
-            "weights_gib": round(weights / 2**30, 2), "peak_gib": round(peak / 2**30, 2), "step_s": round(step_s, 3),
-            "tokens_per_s": round(micro * seq / step_s)}
+    return {
+        "model": name,
+        "seq": seq,
+        "micro_batch": micro,
+        "grad_ckpt": ckpt,
+        "lora_params": n_lora,
+        "weights_gib": round(weights / 2**30, 2),
+        "peak_gib": round(peak / 2**30, 2),
+        "step_s": round(step_s, 3),
+        "tokens_per_s": round(micro * seq / step_s),
+    }
 
 
 def main() -> None:
@@ -80,7 +112,14 @@ def main() -> None:
             except Exception as e:  # OOM is a result too
                 import torch
 
-                rows.append({"model": m, "micro_batch": micro, "grad_ckpt": ckpt, "error": f"{type(e).__name__}: {str(e)[:120]}"})
+                rows.append(
+                    {
+                        "model": m,
+                        "micro_batch": micro,
+                        "grad_ckpt": ckpt,
+                        "error": f"{type(e).__name__}: {str(e)[:120]}",
+                    }
+                )
                 gc.collect()
                 torch.cuda.empty_cache()
             print(json.dumps(rows[-1]), flush=True)

@@ -1,6 +1,7 @@
 """Serving benchmark: γ = 1.0 vs 0.5 through the endpoint, and the endpoint vs vLLM directly.
 
-    flock /tmp/tokenskip-heavy.lock .venv/bin/python benchmarks/serve.py --n 8 --max-tokens 128 --out benchmarks/results/serve.json
+    flock /tmp/tokenskip-heavy.lock .venv/bin/python benchmarks/serve.py --n 8 --max-tokens 128 \
+        --out benchmarks/results/serve.json
 
 1. Endpoint (Ray Serve app, OpenAI SDK, one request at a time — the paper's batch-1 latency):
    the same GSM8K test questions at γ = 1.0 and γ = 0.5 on an adapter; mean completion
@@ -36,8 +37,10 @@ sys.path.insert(0, str(ROOT))
 def find_adapter(model_dir: str, explicit: str | None) -> tuple[str, str]:
     if explicit:
         return explicit, "given"
-    found = sorted(glob.glob(str(ROOT / "runs" / "**" / "train" / "adapter" / "adapter_config.json"), recursive=True),
-                   key=os.path.getmtime)
+    found = sorted(
+        glob.glob(str(ROOT / "runs" / "**" / "train" / "adapter" / "adapter_config.json"), recursive=True),
+        key=os.path.getmtime,
+    )
     if found:
         return str(Path(found[-1]).parent), "trained"
     out = Path(os.environ.get("TOKENSKIP_HOME", ROOT / ".cache" / "tokenskip")) / "bench" / "identity-lora"
@@ -53,9 +56,13 @@ def find_adapter(model_dir: str, explicit: str | None) -> tuple[str, str]:
 
 def summarize(rows: list[dict]) -> dict:
     lat = sorted(r["latency_s"] for r in rows)
-    return {"n": len(rows), "mean_tokens": statistics.mean(r["tokens"] for r in rows),
-            "mean_latency_s": statistics.mean(lat), "p50_latency_s": statistics.median(lat),
-            "ms_per_token": 1000 * sum(lat) / max(1, sum(r["tokens"] for r in rows))}
+    return {
+        "n": len(rows),
+        "mean_tokens": statistics.mean(r["tokens"] for r in rows),
+        "mean_latency_s": statistics.mean(lat),
+        "p50_latency_s": statistics.median(lat),
+        "ms_per_token": 1000 * sum(lat) / max(1, sum(r["tokens"] for r in rows)),
+    }
 
 
 class DirectEngine:
@@ -71,8 +78,12 @@ class DirectEngine:
         from tokenskip import engine as tsengine
 
         tsengine.cpu_env_defaults()
-        kw = tsengine.engine_kwargs_for(model_dir, {"max_loras": max_loras, **engine_kwargs, "disable_log_stats": True},
-                                        enable_lora=True, max_lora_rank=max_lora_rank)
+        kw = tsengine.engine_kwargs_for(
+            model_dir,
+            {"max_loras": max_loras, **engine_kwargs, "disable_log_stats": True},
+            enable_lora=True,
+            max_lora_rank=max_lora_rank,
+        )
         self.loop = asyncio.new_event_loop()
         self.llm = self.loop.run_until_complete(self._make(AsyncLLM, AsyncEngineArgs(**kw)))
         self.tok = AutoTokenizer.from_pretrained(kw["model"])
@@ -92,8 +103,9 @@ class DirectEngine:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, output_kind=RequestOutputKind.FINAL_ONLY)
         self._ids += 1
         final = None
-        async for out in self.llm.generate(TokensPrompt(prompt_token_ids=ids), params, f"direct-{self._ids}",
-                                           lora_request=self.lora if lora else None):
+        async for out in self.llm.generate(
+            TokensPrompt(prompt_token_ids=ids), params, f"direct-{self._ids}", lora_request=self.lora if lora else None
+        ):
             final = out
         return final.outputs[0]
 
@@ -118,8 +130,13 @@ def endpoint_call(client, model: str, question: str, max_tokens: int, gamma: flo
     if gamma is not None:
         extra["compression_ratio"] = gamma
     t = time.perf_counter()
-    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
-                                       max_tokens=max_tokens, temperature=0.0, extra_body=extra)
+    r = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": question}],
+        max_tokens=max_tokens,
+        temperature=0.0,
+        extra_body=extra,
+    )
     return time.perf_counter() - t, r
 
 
@@ -138,10 +155,16 @@ def run(args, model_dir: str, adapter: str, questions: list[str]) -> dict:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     # Prefix caching off on both sides: section 1 sends the same prompts to the replica first.
     engine_kwargs = {"max_model_len": 2048, "enable_prefix_caching": False}
-    app_args = {"model": model_dir, "model_id": "base", "adapters": [{"name": "bench", "path": adapter}],
-                "engine_kwargs": engine_kwargs, "max_adapters_per_replica": 4, "max_lora_rank": 16,
-                "ingress_deployment": {"ray_actor_options": {"num_cpus": 0.1}},
-                "model_deployment": {"ray_actor_options": {"num_cpus": 1}}}
+    app_args = {
+        "model": model_dir,
+        "model_id": "base",
+        "adapters": [{"name": "bench", "path": adapter}],
+        "engine_kwargs": engine_kwargs,
+        "max_adapters_per_replica": 4,
+        "max_lora_rank": 16,
+        "ingress_deployment": {"ray_actor_options": {"num_cpus": 0.1}},
+        "model_deployment": {"ray_actor_options": {"num_cpus": 1}},
+    }
     t0 = time.time()
     serve.run(build_app(app_args), name="bench", route_prefix="/")
     ready = time.time() - t0
@@ -155,8 +178,13 @@ def run(args, model_dir: str, adapter: str, questions: list[str]) -> dict:
             for i, q in enumerate([questions[0]] + questions):
                 dt, r = endpoint_call(client, "base:bench", q, args.max_tokens, gamma)
                 if i:
-                    rows.append({"latency_s": dt, "tokens": r.usage.completion_tokens,
-                                 "gamma": (r.model_extra or {})["compression_ratio"]})
+                    rows.append(
+                        {
+                            "latency_s": dt,
+                            "tokens": r.usage.completion_tokens,
+                            "gamma": (r.model_extra or {})["compression_ratio"],
+                        }
+                    )
             per_gamma[str(gamma)] = rows
         report["per_gamma_rows"] = per_gamma
 
@@ -170,8 +198,9 @@ def run(args, model_dir: str, adapter: str, questions: list[str]) -> dict:
                 for i, q in enumerate([qs[0]] + qs):
                     # The replica's own rendering (serving.routing + tokenskip.prompt), done here so
                     # neither engine sees the prompt before its timed request (prefix caching).
-                    prompt = tsprompt.render_messages(direct.tok, apply_ratio_to_messages(
-                        normalize_messages([{"role": "user", "content": q}]), gamma))
+                    prompt = tsprompt.render_messages(
+                        direct.tok, apply_ratio_to_messages(normalize_messages([{"role": "user", "content": q}]), gamma)
+                    )
                     if i % 2 == 0:
                         ep_dt, r = endpoint_call(client, model, q, args.max_tokens, gamma)
                         d_dt, d_text, d_tokens = direct.complete(prompt, args.max_tokens, lora)
@@ -179,10 +208,16 @@ def run(args, model_dir: str, adapter: str, questions: list[str]) -> dict:
                         d_dt, d_text, d_tokens = direct.complete(prompt, args.max_tokens, lora)
                         ep_dt, r = endpoint_call(client, model, q, args.max_tokens, gamma)
                     if i:
-                        pairs.append({"endpoint_s": ep_dt, "direct_s": d_dt, "tokens": r.usage.completion_tokens,
-                                      "same_prompt": r.model_extra["tokenskip"]["prompt"] == prompt,
-                                      "same_output": r.choices[0].message.content == d_text
-                                      and r.usage.completion_tokens == d_tokens})
+                        pairs.append(
+                            {
+                                "endpoint_s": ep_dt,
+                                "direct_s": d_dt,
+                                "tokens": r.usage.completion_tokens,
+                                "same_prompt": r.model_extra["tokenskip"]["prompt"] == prompt,
+                                "same_output": r.choices[0].message.content == d_text
+                                and r.usage.completion_tokens == d_tokens,
+                            }
+                        )
                 report[f"overhead_{label}"] = pairs
         finally:
             direct.close()
@@ -195,10 +230,17 @@ def overhead_summary(pairs: list[dict]) -> dict:
     ep = statistics.mean(p["endpoint_s"] for p in pairs)
     d = statistics.mean(p["direct_s"] for p in pairs)
     diffs = sorted(1000 * (p["endpoint_s"] - p["direct_s"]) for p in pairs)
-    return {"n": len(pairs), "mean_tokens": statistics.mean(p["tokens"] for p in pairs),
-            "endpoint_mean_s": ep, "direct_mean_s": d, "overhead_pct": 100 * (ep / d - 1),
-            "overhead_ms_mean": 1000 * (ep - d), "overhead_ms_median": statistics.median(diffs),
-            "identical_outputs": sum(p["same_output"] for p in pairs), "same_prompt": sum(p["same_prompt"] for p in pairs)}
+    return {
+        "n": len(pairs),
+        "mean_tokens": statistics.mean(p["tokens"] for p in pairs),
+        "endpoint_mean_s": ep,
+        "direct_mean_s": d,
+        "overhead_pct": 100 * (ep / d - 1),
+        "overhead_ms_mean": 1000 * (ep - d),
+        "overhead_ms_median": statistics.median(diffs),
+        "identical_outputs": sum(p["same_output"] for p in pairs),
+        "same_prompt": sum(p["same_prompt"] for p in pairs),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,22 +265,30 @@ def main(argv: list[str] | None = None) -> int:
     per = {g: summarize(rows) for g, rows in raw["per_gamma_rows"].items()}
     g_hi, g_lo = str(args.ratios[0]), str(args.ratios[-1])
     report = {
-        "model": args.model, "adapter": adapter, "adapter_kind": adapter_kind, "n": len(questions),
-        "max_tokens": args.max_tokens, "serve_ready_s": raw["serve_ready_s"],
+        "model": args.model,
+        "adapter": adapter,
+        "adapter_kind": adapter_kind,
+        "n": len(questions),
+        "max_tokens": args.max_tokens,
+        "serve_ready_s": raw["serve_ready_s"],
         "endpoint_per_gamma": per,
         "ratio_tokens": per[g_lo]["mean_tokens"] / per[g_hi]["mean_tokens"],
         "ratio_latency": per[g_lo]["mean_latency_s"] / per[g_hi]["mean_latency_s"],
-        "endpoint_vs_direct": {"adapter": overhead_summary(raw["overhead_adapter"]),
-                               "base": overhead_summary(raw["overhead_base"])},
+        "endpoint_vs_direct": {
+            "adapter": overhead_summary(raw["overhead_adapter"]),
+            "base": overhead_summary(raw["overhead_base"]),
+        },
         "raw": raw,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(json.dumps({k: v for k, v in report.items() if k != "raw"}, indent=2))
     for label, o in report["endpoint_vs_direct"].items():
-        print(f"endpoint vs direct ({label}): {o['endpoint_mean_s']:.3f} vs {o['direct_mean_s']:.3f} s per request "
-              f"({o['mean_tokens']:.0f} tokens) -> overhead {o['overhead_pct']:+.2f} % "
-              f"(median {o['overhead_ms_median']:+.0f} ms); identical outputs {o['identical_outputs']}/{o['n']}")
+        print(
+            f"endpoint vs direct ({label}): {o['endpoint_mean_s']:.3f} vs {o['direct_mean_s']:.3f} s per request "
+            f"({o['mean_tokens']:.0f} tokens) -> overhead {o['overhead_pct']:+.2f} % "
+            f"(median {o['overhead_ms_median']:+.0f} ms); identical outputs {o['identical_outputs']}/{o['n']}"
+        )
     print(f"gamma {g_lo} vs {g_hi}: tokens x{report['ratio_tokens']:.2f}, latency x{report['ratio_latency']:.2f}")
     return 0
 

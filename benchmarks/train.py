@@ -8,6 +8,14 @@ per-step log, skipping the first ``--warmup`` steps; worker start-up is reported
 Then the per-GPU memory plan of the 7B/14B/32B GPU configs (``tokenskip plan-memory``).
 
     flock /tmp/tokenskip-heavy.lock python -m benchmarks.train --steps 8
+
+``--grouping DIR``: on a real SFT set (a build_sft stage directory, rows at every γ, so of
+very different lengths), DDP x 2 with a plain shuffle vs length-grouped micro-batches
+(``train.group_by_length``), side by side: processed tokens/s (real + padding), real
+tokens/s and the share of processed tokens that are real, plus that share computed over a
+whole epoch's order for both.
+
+    python -m benchmarks.train --grouping runs/smollm2-gsm8k-adherence/build_sft --steps 12 --micro-batch 4
 """
 
 from __future__ import annotations
@@ -25,35 +33,80 @@ def make_data(path: Path, n: int) -> Path:
     from tokenskip import artifacts, prompt
     from tokenskip.data import load_questions
 
-    rows = [{"id": q["id"], "ratio": 1.0, "user": prompt.user_content(q["question"], 1.0),
-             "completion": prompt.build_target(q["solution"], q["gold"])} for q in load_questions("gsm8k", "train", limit=n).rows]
+    rows = [
+        {
+            "id": q["id"],
+            "ratio": 1.0,
+            "user": prompt.user_content(q["question"], 1.0),
+            "completion": prompt.build_target(q["solution"], q["gold"]),
+        }
+        for q in load_questions("gsm8k", "train", limit=n).rows
+    ]
     artifacts.write_rows(path / "train.parquet", rows)
     artifacts.write_manifest(path, "build_sft", counts={"train": n})
     return path
 
 
-def run_one(model: str, data: Path, out: Path, strategy: str, stage: int, workers: int, steps: int, micro: int, cutoff: int, warmup: int) -> dict:
+def run_one(
+    model: str,
+    data: Path,
+    out: Path,
+    strategy: str,
+    stage: int,
+    workers: int,
+    steps: int,
+    micro: int,
+    cutoff: int,
+    warmup: int,
+    group_by_length: bool = True,
+) -> dict:
     from pipelines.train import run_train
     from tokenskip.config import TrainConfig, load_config
 
-    cfg = load_config(TrainConfig, data=dict(
-        model=model, dataset=str(data), output_dir=str(out), strategy=strategy, zero_stage=stage or 3, max_steps=steps,
-        micro_batch_size=micro, global_batch_size=micro * workers, cutoff_len=cutoff, learning_rate=1e-4,
-        checkpoint_every=10_000, scaling={"num_workers": workers, "use_gpu": False, "resources_per_worker": {"CPU": 1}}))
+    cfg = load_config(
+        TrainConfig,
+        data=dict(
+            model=model,
+            dataset=str(data),
+            output_dir=str(out),
+            strategy=strategy,
+            zero_stage=stage or 3,
+            max_steps=steps,
+            micro_batch_size=micro,
+            global_batch_size=micro * workers,
+            cutoff_len=cutoff,
+            learning_rate=1e-4,
+            checkpoint_every=10_000,
+            group_by_length=group_by_length,
+            scaling={"num_workers": workers, "use_gpu": False, "resources_per_worker": {"CPU": 1}},
+        ),
+    )
     t0 = time.time()
     manifest = run_train(cfg, force=True)
     wall = time.time() - t0
     log = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
     timed = [r for r in log if r["step"] > warmup]
     tokens = sum(r["tokens_per_s"] * r["step_time_s"] for r in timed)
+    processed = sum(r.get("processed_tokens_per_s", r["tokens_per_s"]) * r["step_time_s"] for r in timed)
     secs = sum(r["step_time_s"] for r in timed)
     train_s = sum(r["step_time_s"] for r in log)
     name = "ddp" if strategy == "ddp" else f"zero{stage}"
-    return {"run": f"{name} x{workers}", "strategy": name, "workers": workers, "steps": len(log),
-            "tokens_per_s": round(tokens / secs, 1), "s_per_step": round(secs / len(timed), 3),
-            "loss_first": round(log[0]["loss"], 4), "loss_last": round(log[-1]["loss"], 4),
-            "wall_s": round(wall, 1), "startup_and_save_s": round(wall - train_s, 1),
-            "adapter_params": manifest["adapter_info"]["parameters"]}
+    return {
+        "run": f"{name} x{workers}",
+        "strategy": name,
+        "workers": workers,
+        "steps": len(log),
+        "tokens_per_s": round(tokens / secs, 1),
+        "processed_tokens_per_s": round(processed / secs, 1),
+        "real_token_share": round(tokens / processed, 4) if processed else None,
+        "group_by_length": group_by_length,
+        "s_per_step": round(secs / len(timed), 3),
+        "loss_first": round(log[0]["loss"], 4),
+        "loss_last": round(log[-1]["loss"], 4),
+        "wall_s": round(wall, 1),
+        "startup_and_save_s": round(wall - train_s, 1),
+        "adapter_params": manifest["adapter_info"]["parameters"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,8 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--cutoff", type=int, default=256)
-    ap.add_argument("--out", default="benchmarks/results/train_cpu.json")
+    ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--grouping", default=None, help="a build_sft stage directory: compare shuffle vs length-grouped batches"
+    )
     args = ap.parse_args(argv)
+    if args.grouping:
+        return grouping(args)
+    args.out = args.out or "benchmarks/results/train_cpu.json"
 
     from pipelines.common import init_ray
 
@@ -74,8 +133,18 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="tokenskip-bench-train-") as tmp:
         data = make_data(Path(tmp) / "sft", args.rows)
         for strategy, stage, workers in RUNS:
-            r = run_one(args.model, data, Path(tmp) / f"{strategy}{stage}x{workers}", strategy, stage, workers,
-                        args.steps, args.micro_batch, args.cutoff, args.warmup)
+            r = run_one(
+                args.model,
+                data,
+                Path(tmp) / f"{strategy}{stage}x{workers}",
+                strategy,
+                stage,
+                workers,
+                args.steps,
+                args.micro_batch,
+                args.cutoff,
+                args.warmup,
+            )
             print(json.dumps(r), flush=True)
             results.append(r)
     by = {r["run"]: r for r in results}
@@ -87,7 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"\n{'run':<10} {'tokens/s':>9} {'s/step':>7} {'loss first->last':>18} {'start+save s':>13}")
     for r in results:
-        print(f"{r['run']:<10} {r['tokens_per_s']:>9} {r['s_per_step']:>7} {r['loss_first']:>8} -> {r['loss_last']:<7} {r['startup_and_save_s']:>13}")
+        print(
+            f"{r['run']:<10} {r['tokens_per_s']:>9} {r['s_per_step']:>7} {r['loss_first']:>8} -> {r['loss_last']:<7} "
+            f"{r['startup_and_save_s']:>13}"
+        )
     print("\nratios: " + ", ".join(f"{k} = {v:.2f}" for k, v in ratios.items()))
 
     from tokenskip import memory
@@ -104,9 +176,86 @@ def main(argv: list[str] | None = None) -> int:
     for gpus in (8, 4, 2):
         p = memory.plan(memory.arch_for("Qwen/Qwen2.5-32B-Instruct"), 3, gpus, 1, 2048, True)
         plans[f"qwen2.5-32b zero3 x{gpus}"] = p
-        print(f"Qwen2.5-32B ZeRO-3 x {gpus} GPUs, micro 1: {p['total_gib']} GiB/GPU -> {'fits' if p['fits'] else 'does not fit'} on 80 GiB")
+        print(
+            f"Qwen2.5-32B ZeRO-3 x {gpus} GPUs, micro 1: {p['total_gib']} GiB/GPU -> "
+            f"{'fits' if p['fits'] else 'does not fit'} on 80 GiB"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "runs": results, "ratios": ratios, "memory_plans": plans}, indent=1) + "\n")
+    Path(args.out).write_text(
+        json.dumps({"args": vars(args), "runs": results, "ratios": ratios, "memory_plans": plans}, indent=1) + "\n"
+    )
+    return 0
+
+
+def epoch_padding(lengths: list[int], micro: int, workers: int, seed: int = 42) -> dict:
+    """Real-token share over one whole epoch's micro-batches, shuffle vs length-grouped (no training)."""
+    from tokenskip.training import epoch_order, length_grouped_order, padding_share
+
+    shards = [lengths[w::workers] for w in range(workers)]  # Ray Data splits rows across workers
+    out = {}
+    for name, fn in (
+        ("shuffle", lambda ls: epoch_order(len(ls), 0, seed)),
+        ("grouped", lambda ls: length_grouped_order(ls, 0, seed, micro)),
+    ):
+        shares = [1.0 - padding_share(ls, fn(ls), micro) for ls in shards]
+        out[name] = round(sum(shares) / len(shares), 4)
+    return out
+
+
+def grouping(args) -> int:
+    from transformers import AutoTokenizer
+
+    from pipelines.common import init_ray
+    from tokenskip import artifacts, assets
+    from tokenskip.training import tokenize_pair
+
+    data = Path(args.grouping)
+    rows = artifacts.read_rows(
+        artifacts.data_file(data) if not (data / "train.parquet").exists() else data / "train.parquet"
+    )
+    tok = AutoTokenizer.from_pretrained(assets.resolve_model(args.model))
+    lengths = [
+        len(ex["input_ids"]) for ex in (tokenize_pair(tok, r["user"], r["completion"], args.cutoff) for r in rows) if ex
+    ]
+    static = epoch_padding(lengths, args.micro_batch, 2)
+    print(f"{len(lengths)} rows, {sum(lengths)} tokens; real-token share over an epoch: {static}", flush=True)
+    init_ray({"num_cpus": 4})
+    results = []
+    with tempfile.TemporaryDirectory(prefix="tokenskip-bench-group-") as tmp:
+        for grouped in (False, True):
+            r = run_one(
+                args.model,
+                data,
+                Path(tmp) / f"g{int(grouped)}",
+                "ddp",
+                0,
+                2,
+                args.steps,
+                args.micro_batch,
+                args.cutoff,
+                args.warmup,
+                group_by_length=grouped,
+            )
+            print(json.dumps(r), flush=True)
+            results.append(r)
+    a, b = results
+    ratio = b["tokens_per_s"] / a["tokens_per_s"]
+    print(f"\n{'batches':<10} {'real tok/s':>10} {'processed tok/s':>16} {'real share':>11}")
+    for r in results:
+        print(
+            f"{'grouped' if r['group_by_length'] else 'shuffle':<10} {r['tokens_per_s']:>10} {r['processed_tokens_per_s']:>16} "
+            f"{r['real_token_share']:>11}"
+        )
+    print(f"\nreal tokens/s grouped / shuffle = {ratio:.2f}")
+    out = Path(args.out or "benchmarks/results/train_grouping_cpu.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {"args": vars(args), "epoch_real_share": static, "runs": results, "real_tokens_per_s_ratio": ratio},
+            indent=1,
+        )
+        + "\n"
+    )
     return 0
 
 

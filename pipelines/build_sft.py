@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from tokenskip import artifacts, data, sft
+from tokenskip import artifacts, data, gamma, sft
 from tokenskip.config import BuildSFTConfig
 
 log = logging.getLogger("tokenskip.build_sft")
@@ -54,7 +54,7 @@ def _count_tokens(tokenizer_name: str, texts: list[str]) -> list[int]:
 def select_cots(cfg: BuildSFTConfig, force: bool = False) -> dict:
     """Write the ``cots`` stage dir (rows: id, question, gold, kind, cot, cot_tokens)."""
     out = cots_dir(cfg)
-    done = artifacts.skip_if_finished(out, force, {k: getattr(cfg, k) for k in _COTS_KEYS})
+    done = artifacts.skip_if_finished(out, force, {k: getattr(cfg, k) for k in _COTS_KEYS}, stage="cots")
     if done is not None:
         return done
     kept: list[dict] = []
@@ -76,11 +76,21 @@ def select_cots(cfg: BuildSFTConfig, force: bool = False) -> dict:
             if why:
                 rejects.append({"id": r["id"], "reason": why})
             else:
-                kept.append({"id": r["id"], "question": r["question"], "gold": r["gold"], "kind": r.get("kind"),
-                             "cot": cot, "cot_tokens": int(r["cot_tokens"])})
+                kept.append(
+                    {
+                        "id": r["id"],
+                        "question": r["question"],
+                        "gold": r["gold"],
+                        "kind": r.get("kind"),
+                        "cot": cot,
+                        "cot_tokens": int(r["cot_tokens"]),
+                    }
+                )
     else:
         loaded = data.load_from_config(cfg.data, lenient=True)
-        rejects.extend({"id": None, "reason": f"unreadable row: {r['reason']}", "line": r.get("line")} for r in loaded.rejects)
+        rejects.extend(
+            {"id": None, "reason": f"unreadable row: {r['reason']}", "line": r.get("line")} for r in loaded.rejects
+        )
         with_solution = [q for q in loaded.rows if q.get("solution") and q["solution"].strip()]
         rejects.extend({"id": q["id"], "reason": "no gold solution"} for q in loaded.rows if q not in with_solution)
         counts_tok = _count_tokens(cfg.target_tokenizer, [q["solution"] for q in with_solution])
@@ -91,16 +101,38 @@ def select_cots(cfg: BuildSFTConfig, force: bool = False) -> dict:
             if why:
                 rejects.append({"id": q["id"], "reason": why})
             else:
-                kept.append({"id": q["id"], "question": q["question"], "gold": q["gold"], "kind": q["kind"],
-                             "cot": q["solution"], "cot_tokens": n})
+                kept.append(
+                    {
+                        "id": q["id"],
+                        "question": q["question"],
+                        "gold": q["gold"],
+                        "kind": q["kind"],
+                        "cot": q["solution"],
+                        "cot_tokens": n,
+                    }
+                )
     kept.sort(key=lambda r: r["id"])
+    why_not = {}
+    for r in rejects:
+        why_not[str(r["reason"]).split(":")[0]] = why_not.get(str(r["reason"]).split(":")[0], 0) + 1
+    artifacts.require_rows(len(kept), f"select_cots ({out}): CoTs kept", f"{total} read, rejected: {why_not}")
     artifacts.write_rows(out / "data.parquet", kept, "parquet")
     artifacts.write_rows(out / "rejects.jsonl", rejects, "jsonl")
-    counts = {"total": total, "correct": correct, "kept": len(kept), "rejected": len(rejects),
-              "mean_cot_tokens": round(sum(r["cot_tokens"] for r in kept) / len(kept), 2) if kept else 0.0}
+    counts = {
+        "total": total,
+        "correct": correct,
+        "kept": len(kept),
+        "rejected": len(rejects),
+        "mean_cot_tokens": round(sum(r["cot_tokens"] for r in kept) / len(kept), 2) if kept else 0.0,
+    }
     log.info("select_cots: %s", counts)
-    return artifacts.write_manifest(out, "cots", cfg, inputs=dict(inputs, cot_source=cfg.cot_source,
-                                                                  target_tokenizer=cfg.target_tokenizer), counts=counts)
+    return artifacts.write_manifest(
+        out,
+        "cots",
+        cfg,
+        inputs=dict(inputs, cot_source=cfg.cot_source, target_tokenizer=cfg.target_tokenizer),
+        counts=counts,
+    )
 
 
 def _pruned_index(pruned_dir: Path) -> dict[tuple[str, float], dict]:
@@ -110,7 +142,7 @@ def _pruned_index(pruned_dir: Path) -> dict[tuple[str, float], dict]:
         for key in ("id", "ratio", "pruned", "pruned_tokens"):
             if key not in r:
                 raise artifacts.StageError(f"{pruned_dir}: row {r.get('id')!r} has no field {key!r}")
-        index[(str(r["id"]), sft.ratio_key(r["ratio"]))] = r
+        index[(str(r["id"]), gamma.canonical(r["ratio"]))] = r
     return index
 
 
@@ -125,7 +157,7 @@ def run_build_sft(cfg: BuildSFTConfig, force: bool = False) -> dict:
     cdir = cots_dir(cfg)
     artifacts.require_complete(cdir)
     cots = artifacts.read_rows(cdir)
-    needs_pruned = any(sft.ratio_key(r) < 1.0 for r in cfg.ratios)
+    needs_pruned = any(gamma.canonical(r) < 1.0 for r in cfg.ratios)
     index = {}
     if needs_pruned:
         if not cfg.pruned:
@@ -135,10 +167,10 @@ def run_build_sft(cfg: BuildSFTConfig, force: bool = False) -> dict:
     rows, rejects = [], []
     for c in cots:
         for ratio in sft.ratios_for(str(c["id"]), cfg.ratios, cfg.ratio_sampling, cfg.seed):
-            if sft.ratio_key(ratio) >= 1.0:
+            if gamma.canonical(ratio) >= 1.0:
                 rows.append(sft.sft_row(c, 1.0, c["cot"], int(c["cot_tokens"])))
                 continue
-            p = index.get((str(c["id"]), sft.ratio_key(ratio)))
+            p = index.get((str(c["id"]), gamma.canonical(ratio)))
             if p is None:
                 rejects.append({"id": c["id"], "ratio": ratio, "reason": f"no pruned CoT at ratio {ratio}"})
                 continue
@@ -148,17 +180,29 @@ def run_build_sft(cfg: BuildSFTConfig, force: bool = False) -> dict:
             # Token counts from the prune stage (target tokenizer) are authoritative.
             cot_tokens = int(p.get("cot_tokens") or c["cot_tokens"])
             rows.append(sft.sft_row(c, ratio, p["pruned"], cot_tokens, int(p["pruned_tokens"])))
+    artifacts.require_rows(len(rows), f"build_sft ({out}): SFT rows", f"{len(cots)} CoTs, {len(rejects)} rejected")
     train, val = sft.assign_splits(rows, cfg.val_fraction, cfg.seed)
     ext = "parquet" if cfg.format == "parquet" else "jsonl"
     artifacts.write_rows(out / f"train.{ext}", train, cfg.format)
     artifacts.write_rows(out / f"validation.{ext}", val, cfg.format)
     artifacts.write_rows(out / "rejects.jsonl", rejects, "jsonl")
     per_ratio = sft.ratio_stats(rows)
-    counts = {"cots": len(cots), "rows": len(rows), "train": len(train), "validation": len(val),
-              "rejected": len(rejects), "per_ratio": {k: v["rows"] for k, v in per_ratio.items()}}
+    counts = {
+        "cots": len(cots),
+        "rows": len(rows),
+        "train": len(train),
+        "validation": len(val),
+        "rejected": len(rejects),
+        "per_ratio": {k: v["rows"] for k, v in per_ratio.items()},
+    }
     log.info("build_sft: %s", counts)
     return artifacts.write_manifest(
-        out, "build_sft", cfg, inputs={"cots": str(cdir), "pruned": str(cfg.pruned) if needs_pruned else None},
-        counts=counts, ratio_stats=per_ratio,
+        out,
+        "build_sft",
+        cfg,
+        inputs={"cots": str(cdir), "pruned": str(cfg.pruned) if needs_pruned else None},
+        counts=counts,
+        ratio_stats=per_ratio,
         mean_actual_ratio={k: v["mean_actual_ratio"] for k, v in per_ratio.items()},
-        files={"train": f"train.{ext}", "validation": f"validation.{ext}"})
+        files={"train": f"train.{ext}", "validation": f"validation.{ext}"},
+    )

@@ -1,4 +1,4 @@
-"""Ray set-up shared by the stage pipelines."""
+"""Ray set-up shared by the entrypoints (``ray_jobs.runner``), the Serve launcher and benchmarks."""
 
 from __future__ import annotations
 
@@ -7,6 +7,17 @@ import os
 from typing import Any
 
 log = logging.getLogger("tokenskip")
+
+# Passed on to local Ray workers: the offline caches and switches the driver runs with.
+WORKER_ENV_KEYS = (
+    "TOKENSKIP_HOME",
+    "TORCH_EXTENSIONS_DIR",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "HF_DATASETS_OFFLINE",
+    "TIKTOKEN_CACHE_DIR",
+    "TOKENIZERS_PARALLELISM",
+)
 
 
 def init_ray(ray_kwargs: dict[str, Any] | None = None, force_local: bool = False) -> None:
@@ -26,12 +37,11 @@ def init_ray(ray_kwargs: dict[str, Any] | None = None, force_local: bool = False
             kwargs.pop(local_only, None)
         ray.init(**kwargs)
     else:
-        # Local workers need the same offline caches as the driver.
-        from tokenskip.engine import CPU_ENV_KEYS
+        # Local workers need the same offline caches and vLLM settings as the driver.
+        from tokenskip.engine import CPU_ENV_KEYS, cpu_env_defaults
 
-        env = {k: os.environ[k] for k in ("TOKENSKIP_HOME", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-                                          "HF_DATASETS_OFFLINE", "TIKTOKEN_CACHE_DIR", "TOKENIZERS_PARALLELISM", *CPU_ENV_KEYS)
-               if k in os.environ}
+        cpu_env_defaults()
+        env = {k: os.environ[k] for k in (*WORKER_ENV_KEYS, *CPU_ENV_KEYS) if k in os.environ}
         if env:
             runtime_env = dict(kwargs.pop("runtime_env", None) or {})
             runtime_env["env_vars"] = {**env, **runtime_env.get("env_vars", {})}

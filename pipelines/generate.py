@@ -21,9 +21,12 @@ plain ``engine_kwargs``. ``vllm_udf`` (a ``map_batches`` actor pool around ``vll
 with ``num_gpus``/``num_cpus`` per replica) is the fallback for vLLM versions that
 ``ray.data.llm`` does not support, and it keeps vLLM's ``finish_reason``.
 
-Resume: a row is done exactly when it sits in a committed part (or a reject part), so a
-re-run after a crash generates only the rest, and ``finalize`` de-duplicates by id. The
-manifest is written last; with it present the stage is skipped unless ``force``.
+Resume: a row is done exactly when it sits in a committed part (or is rejected for its
+input), so a re-run after a crash generates only the rest, and ``finalize`` de-duplicates
+by id. A row whose generation failed is a reject of kind ``failure``, retried by the next
+run; an engine-level failure (:class:`EngineFailure`) fails the stage instead, and so does
+a reject share above ``max_reject_share``. The manifest is written last; with it present
+the stage is skipped unless ``force``.
 """
 
 from __future__ import annotations
@@ -33,14 +36,28 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipelines import progress
 from tokenskip import artifacts, data
 from tokenskip.config import GenerateConfig
 
 log = logging.getLogger("tokenskip.generate")
 
 PASS_THROUGH = ("id", "question", "gold", "kind")
-OUTPUT_COLUMNS = ("id", "question", "gold", "kind", "prompt", "prompt_tokens", "output", "extracted", "correct", "cot",
-                  "cot_tokens", "output_tokens", "finish_reason")
+OUTPUT_COLUMNS = (
+    "id",
+    "question",
+    "gold",
+    "kind",
+    "prompt",
+    "prompt_tokens",
+    "output",
+    "extracted",
+    "correct",
+    "cot",
+    "cot_tokens",
+    "output_tokens",
+    "finish_reason",
+)
 
 
 # --------------------------------------------------------------------------- helpers (no Ray)
@@ -140,26 +157,57 @@ class PromptUDF:
         out = []
         for r in _rows(batch):
             row = {k: r.get(k) for k in PASS_THROUGH}
-            row.update(prompt=None, prompt_tokens=None, error=None)
+            row.update(prompt=None, prompt_tokens=None, prompt_token_ids=None, error=None, error_kind=None)
             q = r.get("question")
             if not isinstance(q, str) or not q.strip():
                 row["error"] = "no question"
             else:
                 try:
                     text = prompt.render_prompt(self.tok, q)
-                    n = len(self.tok(text, add_special_tokens=False)["input_ids"])
-                    row.update(prompt=text, prompt_tokens=n)
+                    ids = prompt.encode_prompt(self.tok, text)  # the engine gets ids: no second BOS
+                    n = len(ids)
+                    row.update(prompt=text, prompt_tokens=n, prompt_token_ids=ids)
                     if n > self.limit:
                         row["error"] = f"prompt too long: {n} > {self.limit} tokens (max_model_len - max_new_tokens)"
                 except Exception as e:  # a template that cannot render this row
                     row["error"] = f"prompt rendering failed: {type(e).__name__}: {e}"[:500]
+            if row["error"]:
+                row["error_kind"] = "input"
             out.append(row)
         return _frame(out)
 
 
+class EngineFailure(RuntimeError):
+    """The engine itself failed (dead, or failing every row): the stage fails instead of
+    turning every row into a reject; committed parts are kept and a re-run resumes."""
+
+
+def _engine_dead(e: BaseException) -> bool:
+    """vLLM's engine-level errors (EngineDeadError & co.), by class name along the MRO."""
+    return any(
+        c.__name__ in ("EngineDeadError", "EngineGenerateError", "DeadActorError", "ActorDiedError")
+        for c in type(e).__mro__
+    )
+
+
+def _error_kind(e: BaseException) -> str:
+    """A row-level exception: ``input`` when the engine refused this row's input (vLLM raises
+    ValueError/TypeError for e.g. a prompt over the context), else ``failure`` (retried)."""
+    return "input" if isinstance(e, (ValueError, TypeError)) else "failure"
+
+
+def _engine_prompt(row: dict):
+    """What the engine is given for a row: its prompt token ids (as training tokenized them)."""
+    ids = row.get("prompt_token_ids")
+    if ids is None:
+        return row["prompt"]
+    return {"prompt_token_ids": [int(x) for x in ids]}
+
+
 class VLLMGenerateUDF:
     """One vllm.LLM per actor; greedy, seeded. A failing batch is retried row by row so one
-    bad row becomes a reject instead of failing the job."""
+    bad row becomes a reject instead of failing the job; an engine-level failure (a dead
+    engine, or every row of the batch failing) raises :class:`EngineFailure` instead."""
 
     def __init__(self, model: str, engine_kwargs: dict, max_new_tokens: int, temperature: float, seed: int) -> None:
         from tokenskip import engine
@@ -177,17 +225,33 @@ class VLLMGenerateUDF:
         todo = [i for i, r in enumerate(rows) if not r.get("error")]
         for r in rows:
             r.update(output=None, output_tokens=None, finish_reason=None)
+            r.setdefault("error_kind", "input" if r.get("error") else None)
         results: dict[int, Any] = {}
         try:
-            for i, c in zip(todo, self._generate([rows[i]["prompt"] for i in todo])):
+            for i, c in zip(todo, self._generate([_engine_prompt(rows[i]) for i in todo])):
                 results[i] = c
         except Exception as batch_error:
+            if _engine_dead(batch_error):
+                raise EngineFailure(
+                    f"the vLLM engine died: {type(batch_error).__name__}: {batch_error}"
+                ) from batch_error
             log.warning("batch generation failed (%s); retrying row by row", batch_error)
+            errors: list[BaseException] = []
             for i in todo:
                 try:
-                    results[i] = self._generate([rows[i]["prompt"]])[0]
+                    results[i] = self._generate([_engine_prompt(rows[i])])[0]
                 except Exception as e:
+                    if _engine_dead(e):
+                        raise EngineFailure(f"the vLLM engine died: {type(e).__name__}: {e}") from e
+                    errors.append(e)
                     rows[i]["error"] = f"generation error: {type(e).__name__}: {e}"[:500]
+                    rows[i]["error_kind"] = _error_kind(e)
+            if len(todo) > 1 and len(errors) == len(todo):
+                e = errors[-1]
+                raise EngineFailure(
+                    f"every one of {len(todo)} rows failed on its own too (last: {type(e).__name__}: {e}); "
+                    "the engine is failing, not the rows"
+                ) from e
         for i, c in results.items():
             rows[i].update(output=c.text, output_tokens=c.output_tokens, finish_reason=c.finish_reason)
         return _frame(rows)
@@ -205,20 +269,30 @@ class FinishUDF:
 
     def __call__(self, batch):
         from tokenskip.grading import grade
+        from tokenskip.prompt import split_answer
 
         out = []
         for r in _rows(batch):
             if r.get("__inference_error__"):  # ray.data.llm with should_continue_on_error
                 r["error"] = f"generation error: {r['__inference_error__']}"[:500]
+                r["error_kind"] = "failure"
             if not r.get("error") and r.get("output") is None:
                 r["error"] = "generation error: no output"
+                r["error_kind"] = "failure"
+            if r.get("error") and not r.get("error_kind"):
+                r["error_kind"] = "input"
             if r.get("error"):
                 r.update(extracted=None, correct=False, cot=None, cot_tokens=None)
             else:
                 g = grade(r["output"], r["gold"], r.get("kind") or "gsm8k")
-                r.update(extracted=g.extracted, correct=bool(g.correct), cot=r["output"],
-                         cot_tokens=len(self.tok(r["output"], add_special_tokens=False)["input_ids"]))
-            out.append({k: r.get(k) for k in OUTPUT_COLUMNS + ("error",)})
+                cot = split_answer(r["output"])[0]  # an output that already ends with the answer sentence is cut there
+                r.update(
+                    extracted=g.extracted,
+                    correct=bool(g.correct),
+                    cot=cot,
+                    cot_tokens=len(self.tok(cot, add_special_tokens=False)["input_ids"]),
+                )
+            out.append({k: r.get(k) for k in OUTPUT_COLUMNS + ("error", "error_kind")})
         return _frame(out)
 
 
@@ -243,26 +317,43 @@ def _ray_data_llm_generate(ds, cfg: GenerateConfig, max_new_tokens: int):
         env_vars = {k: v for k, v in engine.cpu_env_vars().items() if k not in job_env}
         runtime_env = {"env_vars": env_vars} if env_vars else None
     proc_cfg = vLLMEngineProcessorConfig(
-        model_source=model, engine_kwargs=kw, batch_size=cfg.batch_size, concurrency=cfg.concurrency,
+        model_source=model,
+        engine_kwargs=kw,
+        batch_size=cfg.batch_size,
+        concurrency=cfg.concurrency,
         max_concurrent_batches=cfg.max_concurrent_batches,
-        placement_group_config=pg, chat_template_stage=False, tokenize_stage=False, detokenize_stage=False,
-        should_continue_on_error=True, runtime_env=runtime_env)
+        placement_group_config=pg,
+        chat_template_stage=False,
+        tokenize_stage=False,
+        detokenize_stage=False,
+        should_continue_on_error=True,
+        runtime_env=runtime_env,
+    )
     sp = {"max_tokens": max_new_tokens, "temperature": cfg.temperature, "seed": cfg.seed}
 
     def pre(row: dict) -> dict:
-        return dict(row, sampling_params=sp)
+        ids = row.pop("prompt_token_ids", None)
+        out = dict(row, sampling_params=sp)
+        if ids is not None:  # the engine takes the ids as training tokenized them (no second BOS)
+            out["tokenized_prompt"] = [int(x) for x in ids]
+        return out
 
     def post(row: dict) -> dict:
-        keep = {k: row.get(k) for k in PASS_THROUGH + ("prompt", "prompt_tokens", "error")}
+        keep = {k: row.get(k) for k in PASS_THROUGH + ("prompt", "prompt_tokens", "error", "error_kind")}
         n = row.get("num_generated_tokens")
         # ray.data.llm does not carry vLLM's finish_reason; a full budget means "length".
-        return dict(keep, output=row.get("generated_text"), output_tokens=n,
-                    finish_reason="length" if n is not None and n >= max_new_tokens else "stop")
+        return dict(
+            keep,
+            output=row.get("generated_text"),
+            output_tokens=n,
+            finish_reason="length" if n is not None and n >= max_new_tokens else "stop",
+        )
 
     processor = build_processor(proc_cfg, preprocess=pre, postprocess=post)
     ok = processor(ds.filter(lambda r: not r.get("error")))
     bad = ds.filter(lambda r: bool(r.get("error"))).map(
-        lambda r: dict(r, output=None, output_tokens=None, finish_reason=None))
+        lambda r: dict(r, output=None, output_tokens=None, finish_reason=None)
+    )
     return ok.union(bad)
 
 
@@ -275,22 +366,42 @@ def build_dataset(questions: list[dict], cfg: GenerateConfig, backend: str | Non
     limit = prompt_token_limit(cfg)
     helper_cpus = 0.25  # tokenizer actors are light; leave the cores to the engines
     ds = ray.data.from_items([{k: q.get(k) for k in PASS_THROUGH} for q in questions])
-    ds = ds.map_batches(PromptUDF, fn_constructor_kwargs={"model": cfg.model, "max_prompt_tokens": limit},
-                        batch_size=cfg.batch_size, batch_format="pandas", num_cpus=helper_cpus,
-                        compute=ray.data.ActorPoolStrategy(size=1))
+    ds = ds.map_batches(
+        PromptUDF,
+        fn_constructor_kwargs={"model": cfg.model, "max_prompt_tokens": limit},
+        batch_size=cfg.batch_size,
+        batch_format="pandas",
+        num_cpus=helper_cpus,
+        compute=ray.data.ActorPoolStrategy(size=1),
+    )
     if backend == "vllm_udf":
         ds = ds.map_batches(
             VLLMGenerateUDF,
-            fn_constructor_kwargs={"model": cfg.model, "engine_kwargs": cfg.engine_kwargs, "max_new_tokens": max_new,
-                                   "temperature": cfg.temperature, "seed": cfg.seed},
-            batch_size=cfg.batch_size, batch_format="pandas", num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
-            compute=ray.data.ActorPoolStrategy(size=cfg.concurrency))
+            fn_constructor_kwargs={
+                "model": cfg.model,
+                "engine_kwargs": cfg.engine_kwargs,
+                "max_new_tokens": max_new,
+                "temperature": cfg.temperature,
+                "seed": cfg.seed,
+            },
+            batch_size=cfg.batch_size,
+            batch_format="pandas",
+            num_cpus=cfg.num_cpus,
+            num_gpus=cfg.num_gpus,
+            compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+        )
     elif backend == "ray_data_llm":
         ds = _ray_data_llm_generate(ds, cfg, max_new)
     else:
         raise ValueError(f"generate.backend: unknown backend {backend!r}")
-    ds = ds.map_batches(FinishUDF, fn_constructor_kwargs={"model": cfg.model}, batch_size=cfg.batch_size,
-                        batch_format="pandas", num_cpus=helper_cpus, compute=ray.data.ActorPoolStrategy(size=1))
+    ds = ds.map_batches(
+        FinishUDF,
+        fn_constructor_kwargs={"model": cfg.model},
+        batch_size=cfg.batch_size,
+        batch_format="pandas",
+        num_cpus=helper_cpus,
+        compute=ray.data.ActorPoolStrategy(size=1),
+    )
     return ds
 
 
@@ -306,31 +417,64 @@ def _clean(row: dict) -> dict:
 
 
 def _reject(row: dict) -> dict:
-    return {"id": row.get("id"), "reason": row.get("error"), "question": row.get("question"),
-            "prompt_tokens": row.get("prompt_tokens")}
+    kind = row.get("error_kind") or (
+        "failure" if str(row.get("error") or "").startswith("generation error") else "input"
+    )
+    return {
+        "id": row.get("id"),
+        "reason": row.get("error"),
+        "reason_kind": kind,
+        "question": row.get("question"),
+        "prompt_tokens": row.get("prompt_tokens"),
+    }
 
 
 def run_generate(cfg: GenerateConfig, force: bool = False) -> dict:
-    """Generate CoTs for ``cfg.data`` into ``cfg.output_dir``; returns the manifest."""
+    """Generate CoTs for ``cfg.data`` into ``cfg.output_dir``; returns the manifest.
+
+    The output directory is locked for the run (a second run into it is refused). Rows
+    rejected for their input are final; rows whose generation failed are retried by the
+    next run. An engine failure fails the stage (committed parts are kept), and so does a
+    reject share above ``cfg.max_reject_share``: no manifest, a re-run resumes."""
     if not cfg.output_dir:
         raise ValueError("generate.output_dir is not set (a pipeline config sets it from run_dir)")
     out = Path(cfg.output_dir)
+    with artifacts.stage_lock(out):
+        return _run_generate(cfg, out, force)
+
+
+def _run_generate(cfg: GenerateConfig, out: Path, force: bool) -> dict:
     finished = artifacts.skip_if_finished(out, force, cfg)
     if finished is not None:
         return finished
 
     loaded = data.load_from_config(cfg.data, lenient=True)
+    artifacts.require_rows(
+        len(loaded.rows),
+        f"generate: dataset {cfg.data.name!r} ({cfg.data.split})",
+        f"{len(loaded.rejects)} unreadable rows" if loaded.rejects else "",
+    )
     writer = artifacts.PartWriter(out)
     # Loader rejects (rows without a question / gold) under a fixed name: a re-run
     # overwrites it instead of adding a second copy.
     if loaded.rejects:
-        artifacts.write_rows(writer.rejects / "part-load.jsonl",
-                             [dict(r, id=None, reason=f"unreadable row: {r['reason']}") for r in loaded.rejects], "jsonl")
+        artifacts.write_rows(
+            writer.rejects / "part-load.jsonl",
+            [dict(r, id=None, reason=f"unreadable row: {r['reason']}", reason_kind="input") for r in loaded.rejects],
+            "jsonl",
+        )
+    retried = writer.drop_failures()  # rows whose generation failed last time are tried again
     done = writer.done_ids()
     todo = [q for q in loaded.rows if q["id"] not in done]
     backend = resolve_backend(cfg)
-    log.info("generate: %d questions, %d already done, %d to go (backend %s)", len(loaded.rows),
-             len(loaded.rows) - len(todo), len(todo), backend)
+    log.info(
+        "generate: %d questions, %d already done, %d to go (%d failed before, retried; backend %s)",
+        len(loaded.rows),
+        len(loaded.rows) - len(todo),
+        len(todo),
+        retried,
+        backend,
+    )
 
     t0 = time.perf_counter()
     new_rows = new_tokens = 0
@@ -345,20 +489,41 @@ def run_generate(cfg: GenerateConfig, force: bool = False) -> dict:
             new_rows += len(rows)
             new_tokens += sum(r["output_tokens"] or 0 for r in good)
             log.info("generate: committed %d/%d", new_rows, len(todo))
+            progress.report(new_rows, len(todo), "rows")
     elapsed = time.perf_counter() - t0
 
     rows, rejects = writer.finalize("parquet")
-    counts = {"total": len(loaded.rows) + len(loaded.rejects), "generated": len(rows),
-              "correct": sum(1 for r in rows if r["correct"]), "rejected": len(rejects),
-              "finish_length": sum(1 for r in rows if r.get("finish_reason") == "length")}
-    counts["accuracy"] = round(counts["correct"] / counts["generated"], 4) if counts["generated"] else 0.0
+    total = len(loaded.rows) + len(loaded.rejects)
     reasons: dict[str, int] = {}
     for r in rejects:
         key = str(r.get("reason") or "?").split(":")[0]
         reasons[key] = reasons.get(key, 0) + 1
+    artifacts.check_reject_share(len(rejects), total, cfg.max_reject_share, f"generate ({out})", reasons)
+    counts = {
+        "total": total,
+        "generated": len(rows),
+        "correct": sum(1 for r in rows if r["correct"]),
+        "rejected": len(rejects),
+        "rejected_failure": sum(1 for r in rejects if artifacts.reason_kind(r) == "failure"),
+        "finish_length": sum(1 for r in rows if r.get("finish_reason") == "length"),
+    }
+    counts["accuracy"] = round(counts["correct"] / counts["generated"], 4) if counts["generated"] else 0.0
     return artifacts.write_manifest(
-        out, "generate", cfg, inputs={"data": cfg.data.name, "split": cfg.data.split, "model": cfg.model},
-        counts=counts, reject_reasons=reasons, backend=backend, max_new_tokens=resolve_max_new_tokens(cfg),
+        out,
+        "generate",
+        cfg,
+        inputs={"data": cfg.data.name, "split": cfg.data.split, "model": cfg.model},
+        counts=counts,
+        reject_reasons=reasons,
+        backend=backend,
+        max_new_tokens=resolve_max_new_tokens(cfg),
         max_prompt_tokens=prompt_token_limit(cfg),
-        last_run={"rows": new_rows, "output_tokens": new_tokens, "seconds": round(elapsed, 2),
-                  "output_tokens_per_s": round(new_tokens / elapsed, 2) if elapsed > 0 and new_tokens else None})
+        quarantined=[str(p) for p in writer.quarantined],
+        last_run={
+            "rows": new_rows,
+            "output_tokens": new_tokens,
+            "seconds": round(elapsed, 2),
+            "retried_failures": retried,
+            "output_tokens_per_s": round(new_tokens / elapsed, 2) if elapsed > 0 and new_tokens else None,
+        },
+    )

@@ -16,19 +16,18 @@ checkpoint of step k continues with step k+1 exactly as the uninterrupted run wo
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
 import os
 import shutil
-import signal
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from tokenskip import artifacts, assets
+from pipelines import faults, progress
+from tokenskip import artifacts, assets, card, tracking
 from tokenskip.config import ConfigError, LoraConfig, TrainConfig, to_dict
 from tokenskip.training import (
     TrainDataError,
@@ -41,9 +40,6 @@ log = logging.getLogger("tokenskip.train")
 
 STEP_LOG = "steps.jsonl"
 ADAPTER_DIR = "adapter"
-# Test-only fault injection (read on the driver, passed to the workers in the loop config).
-CRASH_ENV = "TOKENSKIP_TEST_CRASH_AT_STEP"
-CRASH_MARKER_ENV = "TOKENSKIP_TEST_CRASH_MARKER"
 
 
 # =========================================================================== driver side
@@ -101,7 +97,9 @@ class TokenizeUDF:
             out["labels"].append(np.asarray(ex["labels"] if ex else [], dtype=np.int64))
             out["n_tokens"].append(len(ex["input_ids"]) if ex else 0)
             out["overlong"].append(bool(ex and ex["overlong"]))
-        return {k: (np.array(v, dtype=object) if k in ("input_ids", "labels") else np.asarray(v)) for k, v in out.items()}
+        return {
+            k: (np.array(v, dtype=object) if k in ("input_ids", "labels") else np.asarray(v)) for k, v in out.items()
+        }
 
 
 def tokenize_dataset(cfg: TrainConfig, rows: list[dict]):
@@ -110,24 +108,25 @@ def tokenize_dataset(cfg: TrainConfig, rows: list[dict]):
 
     items = [{"idx": i, "user": r["user"], "completion": r["completion"]} for i, r in enumerate(rows)]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(8, len(items) // 64 or 1)))
-    ds = ds.map_batches(TokenizeUDF, fn_constructor_kwargs={"model": cfg.model, "cutoff_len": cfg.cutoff_len, "overlong": cfg.overlong},
-                        batch_size=64, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1).materialize()
+    ds = ds.map_batches(
+        TokenizeUDF,
+        fn_constructor_kwargs={"model": cfg.model, "cutoff_len": cfg.cutoff_len, "overlong": cfg.overlong},
+        batch_size=64,
+        compute=ray.data.ActorPoolStrategy(size=1),
+        num_cpus=1,
+    ).materialize()
     all_rows = ds.count()
     dropped = int(ds.sum("dropped") or 0) if all_rows else 0
     truncated = int(ds.sum("overlong") or 0) if all_rows else 0
     kept = ds.filter(lambda r: not r["dropped"]).materialize() if dropped else ds
-    counts = {"rows": all_rows, "kept": all_rows - dropped, "dropped_overlong": dropped,
-              "truncated": truncated if cfg.overlong == "truncate" else 0,
-              "train_tokens": int(kept.sum("n_tokens") or 0) if all_rows - dropped else 0}
+    counts = {
+        "rows": all_rows,
+        "kept": all_rows - dropped,
+        "dropped_overlong": dropped,
+        "truncated": truncated if cfg.overlong == "truncate" else 0,
+        "train_tokens": int(kept.sum("n_tokens") or 0) if all_rows - dropped else 0,
+    }
     return kept, counts
-
-
-def _ratio_counts(rows: list[dict]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for r in rows:
-        key = f"{float(r['ratio']):g}"
-        out[key] = out.get(key, 0) + 1
-    return dict(sorted(out.items(), key=lambda kv: -float(kv[0])))
 
 
 def check_adapter(adapter_dir: str | os.PathLike) -> dict:
@@ -182,20 +181,22 @@ def run_train(cfg: TrainConfig, force: bool = False) -> dict:
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines.common import init_ray
-
-    init_ray(cfg.ray)
-    ds, counts = tokenize_dataset(cfg, rows)
+    ds, counts = tokenize_dataset(cfg, rows)  # on the Ray the caller started (ray_jobs.runner)
     if counts["kept"] == 0:
-        raise TrainDataError(f"{train_file}: all {counts['rows']} rows dropped (longer than cutoff_len {cfg.cutoff_len})")
+        raise TrainDataError(
+            f"{train_file}: all {counts['rows']} rows dropped (longer than cutoff_len {cfg.cutoff_len})"
+        )
     total_steps(counts["kept"] // workers, cfg.micro_batch_size, accum, cfg.epochs, cfg.max_steps)  # enough rows?
     out.mkdir(parents=True, exist_ok=True)
     loop_cfg = {
         "cfg": to_dict(cfg),
         "step_log": str((out / STEP_LOG).resolve()),
-        "crash_at_step": int(os.environ[CRASH_ENV]) if os.environ.get(CRASH_ENV) else None,
-        "crash_marker": os.environ.get(CRASH_MARKER_ENV),
+        "fault": faults.from_env(),  # a documented fault-injection switch, None normally
     }
+    # The adapter card (γ trained with their row counts, data hash, prompt format): rank 0
+    # writes it beside the adapter in the final checkpoint, and the driver beside the copy.
+    adapter_card = card.card_for_training(cfg.model, rows, str(cfg.dataset), train_file, to_dict(cfg))
+    loop_cfg["card"] = adapter_card.to_dict()
     exec_opts = ray.data.ExecutionOptions(preserve_order=True)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -225,19 +226,23 @@ def run_train(cfg: TrainConfig, force: bool = False) -> dict:
         tmp = out / f".{ADAPTER_DIR}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(src, tmp)
+        card.write_card(tmp, adapter_card)  # also when restored from a checkpoint written without one
         shutil.rmtree(adapter_out, ignore_errors=True)
         os.replace(tmp, adapter_out)
     adapter_info = check_adapter(adapter_out)
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str, bool))}
     metrics["wall_s"] = round(wall, 2)
     return artifacts.write_manifest(
-        out, "train", config=cfg,
+        out,
+        "train",
+        config=cfg,
         inputs={"dataset": str(cfg.dataset), "train_file": str(train_file), "data_manifest": upstream},
         counts={**counts, "workers": workers, "grad_accum": accum},
         base_model=cfg.model,
         base_model_path=assets.resolve_model(cfg.model),
-        ratios_trained=_ratio_counts(rows),
+        ratios_trained=adapter_card.rows_per_ratio,
         adapter=str(adapter_out),
+        adapter_card=str(card.card_path(adapter_out)),
         adapter_info=adapter_info,
         checkpoint=str(result.checkpoint.path),
         final_metrics=metrics,
@@ -270,33 +275,50 @@ class _Runner:
         self._hf_ds = None
         if self.deepspeed:
             self.ds_config = build_deepspeed_config(
-                cfg.zero_stage, cfg.micro_batch_size, accum, self.precision, cfg.offload_optimizer, cfg.offload_params,
-                on_gpu, cfg.learning_rate, cfg.weight_decay, cfg.gradient_clipping, cfg.deepspeed)
+                cfg.zero_stage,
+                cfg.micro_batch_size,
+                accum,
+                self.precision,
+                cfg.offload_optimizer,
+                cfg.offload_params,
+                on_gpu,
+                cfg.learning_rate,
+                cfg.weight_decay,
+                cfg.gradient_clipping,
+                cfg.deepspeed,
+            )
             if self.zero3:
                 # Must exist (and stay referenced) before from_pretrained: weights then load
                 # straight into ZeRO-3 partitions under deepspeed.zero.Init, never whole per rank.
                 from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
                 self._hf_ds = HfDeepSpeedConfig(self.ds_config)
-        model = self._build_model(build_lora_config(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules))
+        model = self._build_model(
+            build_lora_config(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
+        )
         self.peft_model = model
         params = [p for p in model.parameters() if p.requires_grad]
         if self.deepspeed:
             import deepspeed
 
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-                model=model, model_parameters=params, config=self.ds_config,
-                lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_fn))
+                model=model,
+                model_parameters=params,
+                config=self.ds_config,
+                lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_fn),
+            )
             self.module = self.engine
         else:
             import ray.train.torch
 
             model.to(device)
             self.module = ray.train.torch.prepare_model(model, move_to_device=False)
-            self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8,
-                                               weight_decay=cfg.weight_decay)
+            self.optimizer = torch.optim.AdamW(
+                params, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay
+            )
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_fn)
         self.params = params
+        self.grad_norm: float | None = None
 
     def _build_model(self, lora_config):
         import torch
@@ -331,10 +353,12 @@ class _Runner:
     def optimizer_step(self) -> None:
         import torch
 
-        if self.deepspeed:
-            return  # done in engine.step() at the boundary
-        if self.cfg.gradient_clipping:
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.gradient_clipping)
+        if self.deepspeed:  # stepped in engine.step() at the boundary, which also measured the norm
+            norm = self.engine.get_global_grad_norm()
+            self.grad_norm = float(norm) if norm is not None else None
+            return
+        # the norm before clipping (max_norm inf when clipping is off: measured, nothing clipped)
+        self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.gradient_clipping or math.inf))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -350,19 +374,30 @@ class _Runner:
             self.engine.save_checkpoint(str(d / "deepspeed"), tag="state", exclude_frozen_parameters=True)
         elif rank == 0:
             trainable = {n: p.detach().cpu() for n, p in self.peft_model.named_parameters() if p.requires_grad}
-            torch.save({"model": trainable, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                       d / "trainer_state.pt")
+            torch.save(
+                {
+                    "model": trainable,
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                },
+                d / "trainer_state.pt",
+            )
 
     def load_state(self, d: Path) -> None:
         import torch
 
         if self.deepspeed:
-            path, _ = self.engine.load_checkpoint(str(d / "deepspeed"), tag="state", load_module_strict=False,
-                                                  load_optimizer_states=True, load_lr_scheduler_states=True)
+            path, _ = self.engine.load_checkpoint(
+                str(d / "deepspeed"),
+                tag="state",
+                load_module_strict=False,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=True,
+            )
             if path is None:
                 raise RuntimeError(f"DeepSpeed could not load the checkpoint in {d}")
             return
-        state = torch.load(d / "trainer_state.pt", map_location="cpu", weights_only=False)
+        state = torch.load(d / "trainer_state.pt", map_location="cpu", weights_only=True)  # tensors and plain data only
         missing = self.peft_model.load_state_dict(state["model"], strict=False)
         if missing.unexpected_keys:
             raise RuntimeError(f"checkpoint has unexpected keys {missing.unexpected_keys[:3]}")
@@ -388,7 +423,13 @@ class _Runner:
 def _load_shard(shard) -> list[dict]:
     rows = []
     for r in shard.iter_rows():
-        rows.append({"idx": int(r["idx"]), "input_ids": [int(x) for x in r["input_ids"]], "labels": [int(x) for x in r["labels"]]})
+        rows.append(
+            {
+                "idx": int(r["idx"]),
+                "input_ids": [int(x) for x in r["input_ids"]],
+                "labels": [int(x) for x in r["labels"]],
+            }
+        )
     rows.sort(key=lambda r: r["idx"])
     return rows
 
@@ -404,11 +445,11 @@ def _all_reduce(values: list[float], device, op: str = "sum") -> list[float]:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    import torch
     import ray.train
     import ray.train.torch
+    import torch
 
-    from tokenskip.training import Collator, epoch_order
+    from tokenskip.training import Collator, epoch_order, length_grouped_order
 
     cfg = _train_cfg(config["cfg"])
     ctx = ray.train.get_context()
@@ -424,6 +465,7 @@ def train_loop_per_worker(config: dict) -> None:
     per_epoch, total = total_steps(int(n_min), cfg.micro_batch_size, accum, cfg.epochs, cfg.max_steps)
 
     runner = _Runner(cfg, total, accum, device, on_gpu)
+    tracker = tracking.stage_run(cfg, "train") if rank == 0 else tracking.NULL
     collate = Collator(pad_id=_pad_id(cfg))
 
     start = 0
@@ -434,44 +476,81 @@ def train_loop_per_worker(config: dict) -> None:
             runner.load_state(Path(d))
             start = int(state["step"])
         _rank0_log(rank, f"resumed from checkpoint at step {start}/{total}")
-    _rank0_log(rank, f"workers={world} rows={n_local} ({len(rows)} here) accum={accum} steps/epoch={per_epoch} total={total} "
-                     f"strategy={cfg.strategy}{'-zero' + str(cfg.zero_stage) if cfg.strategy == 'deepspeed' else ''} precision={runner.precision}")
+    _rank0_log(
+        rank,
+        f"workers={world} rows={n_local} ({len(rows)} here) accum={accum} steps/epoch={per_epoch} total={total} "
+        f"strategy={cfg.strategy}{'-zero' + str(cfg.zero_stage) if cfg.strategy == 'deepspeed' else ''} precision={runner.precision}",
+    )
 
     mb = cfg.micro_batch_size
+    lengths = [len(r["input_ids"]) for r in rows]
+    order, order_epoch = [], -1
+    processed_run = 0.0
     metrics: dict[str, Any] = {}
     t_run = time.time()
     tokens_run = 0.0
     for step in range(start, total):
         epoch, pos = divmod(step, per_epoch)
-        order = epoch_order(len(rows), epoch, cfg.seed)
+        if order_epoch != epoch:  # rows of similar length share a micro-batch: little padding
+            order = (
+                length_grouped_order(lengths, epoch, cfg.seed, mb)
+                if cfg.group_by_length
+                else epoch_order(len(rows), epoch, cfg.seed)
+            )
+            order_epoch = epoch
         t0 = time.time()
         lr = runner.lr()  # the LR this step uses (the scheduler moves on inside the step)
-        losses, tokens = [], 0
+        losses, tokens, processed = [], 0, 0
         for micro in range(accum):
             first = (pos * accum + micro) * mb
-            batch = collate([rows[i] for i in order[first:first + mb]])
+            batch = collate([rows[i] for i in order[first : first + mb]])
             tokens += int(batch["attention_mask"].sum())
+            processed += int(batch["attention_mask"].numel())
             losses.append(runner.forward_backward(batch, micro))
         runner.optimizer_step()
         dt = time.time() - t0
-        loss_sum, tok_sum = _all_reduce([sum(losses) / len(losses), float(tokens)], device, "sum")
+        loss_sum, tok_sum, proc_sum = _all_reduce(
+            [sum(losses) / len(losses), float(tokens), float(processed)], device, "sum"
+        )
         tokens_run += tok_sum
-        metrics = {"step": step + 1, "epoch": round((step + 1) / per_epoch, 4), "loss": loss_sum / world,
-                   "lr": lr, "tokens_per_s": tok_sum / max(dt, 1e-9), "step_time_s": dt,
-                   "tokens_per_s_run": tokens_run / max(time.time() - t_run, 1e-9)}
+        processed_run += proc_sum
+        metrics = {
+            "step": step + 1,
+            "epoch": round((step + 1) / per_epoch, 4),
+            "loss": loss_sum / world,
+            "lr": lr,
+            "tokens_per_s": tok_sum / max(dt, 1e-9),
+            "step_time_s": dt,
+            "tokens_per_s_run": tokens_run / max(time.time() - t_run, 1e-9),
+            "grad_norm": runner.grad_norm,
+            "processed_tokens_per_s": proc_sum / max(dt, 1e-9),  # real + padding positions
+            "real_token_share_run": tokens_run / max(processed_run, 1.0),
+        }
         if rank == 0:
             _append_step(config["step_log"], {**metrics, "pid": os.getpid(), "time": time.time()})
+            tracking.log_train_step(tracker, metrics)  # MLflow: loss, lr, grad norm, tokens/s
+            progress.report(step + 1, total, "steps", loss=metrics["loss"], tokens_per_s=metrics["tokens_per_s_run"])
             if (step + 1) % cfg.log_every == 0:
-                log.warning("step %d/%d loss %.4f lr %.3g tokens/s %.1f", step + 1, total, metrics["loss"], metrics["lr"], metrics["tokens_per_s"])
-        _maybe_crash(config, step + 1, rank, world)
+                log.warning(
+                    "step %d/%d loss %.4f lr %.3g tokens/s %.1f",
+                    step + 1,
+                    total,
+                    metrics["loss"],
+                    metrics["lr"],
+                    metrics["tokens_per_s"],
+                )
+        faults.maybe_kill(config.get("fault"), step + 1, rank, world)
         final = step + 1 == total
         if final or (step + 1) % cfg.checkpoint_every == 0:
-            _save_and_report(runner, metrics, step + 1, rank, final)
+            _save_and_report(runner, metrics, step + 1, rank, final, config.get("card"))
     if start >= total:  # restored from the final checkpoint: nothing left but to report it again
-        _save_and_report(runner, {"step": total}, total, rank, True)
+        _save_and_report(runner, {"step": total}, total, rank, True, config.get("card"))
+    tracker.end()
 
 
-def _save_and_report(runner: _Runner, metrics: dict, step: int, rank: int, final: bool) -> None:
+def _save_and_report(
+    runner: _Runner, metrics: dict, step: int, rank: int, final: bool, card_data: dict | None = None
+) -> None:
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix=f"tokenskip-ckpt-{step}-") as tmp:
@@ -479,6 +558,8 @@ def _save_and_report(runner: _Runner, metrics: dict, step: int, rank: int, final
         runner.save_state(d, rank)
         if final:
             runner.save_adapter(d / ADAPTER_DIR, rank)
+            if rank == 0 and card_data:
+                card.write_card(d / ADAPTER_DIR, card.AdapterCard.from_dict(card_data))
         if rank == 0:
             (d / "state.json").write_text(json.dumps({"step": step, "metrics": metrics}))
         checkpoint = ray.train.Checkpoint.from_directory(tmp) if any(d.iterdir()) else None
@@ -501,23 +582,6 @@ def _rank0_log(rank: int, msg: str) -> None:
 def _append_step(path: str, rec: dict) -> None:
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(rec) + "\n")
-
-
-def _maybe_crash(config: dict, step: int, rank: int, world: int) -> None:
-    """Test hook: the last rank SIGKILLs itself once, after ``crash_at_step`` steps.
-
-    It first waits a few seconds: Ray Train's controller collects reports by polling (every
-    2 s), and a checkpoint reported just before a crash is lost with the dead worker's
-    queue (the run then correctly resumes from the checkpoint before it). The wait makes
-    "the last checkpoint" well defined for the test."""
-    at, marker = config.get("crash_at_step"), config.get("crash_marker")
-    if not at or step != at or rank != world - 1 or not marker:
-        return
-    if os.path.exists(marker):
-        return
-    Path(marker).write_text(f"killed pid {os.getpid()} at step {step}\n")
-    time.sleep(float(config.get("crash_delay_s") or 5.0))
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 __all__ = ["run_train", "train_loop_per_worker", "load_train_rows", "resolve_dataset", "check_adapter", "TokenizeUDF"]

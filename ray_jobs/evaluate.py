@@ -11,35 +11,28 @@ Overrides are ``key=value``, e.g. ``adapter=runs/x/train/adapter ratios=[1.0,0.5
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-from ray_jobs._args import parser, setup_logging
+from ray_jobs import runner
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = parser("tokenskip eval", __doc__)
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions of each dataset")
-    args = p.parse_args(argv)
-    setup_logging()
-    from pipelines.evaluate import EvalInputError, run_evaluate
-    from tokenskip.artifacts import StageError
-    from tokenskip.config import ConfigError, EvalConfig, load_config
+    def add_args(p) -> None:
+        p.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions of each dataset")
 
-    overrides = list(args.overrides)
-    if args.limit is not None:
-        overrides.append(f"limit={args.limit}")
-    try:
-        cfg = load_config(EvalConfig, args.config, overrides)
-        manifest = run_evaluate(cfg, force=args.force)
-    except (ConfigError, EvalInputError, StageError) as e:
-        print(f"tokenskip eval: {e}", file=sys.stderr)
-        return 2
-    from pathlib import Path
+    def build(args) -> dict:
+        overrides = list(args.overrides) + ([f"limit={args.limit}"] if args.limit is not None else [])
+        cfg, ray_kwargs = runner.load_stage(args.config, overrides, "evaluate")
 
-    table = Path(manifest["config"]["output_dir"]) / "table.md"
-    if table.is_file():
-        print(table.read_text())
-    print(f"evaluation written to {manifest['config']['output_dir']}")
-    return 0
+        def done(results: dict, timings: dict, console) -> None:
+            out = Path(results["evaluate"]["config"]["output_dir"])
+            if (out / "table.md").is_file():
+                console.result((out / "table.md").read_text())
+            console.result(f"evaluation written to {out}")
+
+        return {"steps": [("evaluate", cfg)], "ray": ray_kwargs, "done": done}
+
+    return runner.main("tokenskip eval", argv, build, doc=__doc__, add_args=add_args)
 
 
 if __name__ == "__main__":

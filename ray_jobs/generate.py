@@ -1,4 +1,5 @@
-"""ray job submit --address http://127.0.0.1:8265 --working-dir . --runtime-env cluster/runtime_env.yaml -- python -m ray_jobs.generate --config configs/data/gsm8k-smollm2-gold.yaml
+"""ray job submit --address http://127.0.0.1:8265 --working-dir . --runtime-env cluster/runtime_env.yaml \
+    -- python -m ray_jobs.generate --config configs/data/gsm8k-smollm2-gold.yaml
 
 Generate CoTs with the target model (Ray Data + vLLM), grade them, and write the
 generate stage directory (data.parquet, rejects.jsonl, manifest.json). Takes a
@@ -13,24 +14,17 @@ from __future__ import annotations
 
 import sys
 
-from ray_jobs._args import load_stage, stage_main
-
-
-def load(path: str, overrides: list[str]):
-    """(GenerateConfig, ray.init kwargs) from a generate or pipeline YAML."""
-    return load_stage(path, overrides, "generate")
-
-
-def _run(cfg, force: bool) -> dict:
-    from pipelines.generate import run_generate
-
-    return run_generate(cfg, force=force)
+from ray_jobs import runner
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main("generate", __doc__, argv, _run,
-                      lambda cfg, m: {"output_dir": cfg.output_dir, "counts": m["counts"]},
-                      errors=(FileNotFoundError,))
+    return runner.single_stage(
+        "generate",
+        "tokenskip generate",
+        __doc__,
+        argv,
+        lambda cfg, m: {"output_dir": cfg.output_dir, "counts": m["counts"]},
+    )
 
 
 if __name__ == "__main__":

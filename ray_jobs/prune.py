@@ -1,4 +1,5 @@
-"""ray job submit --address http://127.0.0.1:8265 --working-dir . --runtime-env cluster/runtime_env.yaml -- python -m ray_jobs.prune --config configs/prune/gsm8k-llmlingua2.yaml
+"""ray job submit --address http://127.0.0.1:8265 --working-dir . --runtime-env cluster/runtime_env.yaml \
+    -- python -m ray_jobs.prune --config configs/prune/gsm8k-llmlingua2.yaml
 
 Prune CoTs at every ratio γ from one scoring pass (Ray Data actor pool): LLMLingua-2
 token classifier or causal-LM self-information. Input: a cots/generate stage directory
@@ -13,30 +14,17 @@ from __future__ import annotations
 
 import sys
 
-from ray_jobs._args import load_stage, stage_main
-
-
-def load(path: str, overrides: list[str]):
-    """(PruneConfig, ray.init kwargs) from a prune or pipeline YAML."""
-    return load_stage(path, overrides, "prune")
-
-
-def _run(cfg, force: bool) -> dict:
-    from pipelines.prune import run_prune
-
-    return run_prune(cfg, force=force)
-
-
-def _prepare() -> None:
-    from tokenskip import assets
-
-    assets.ensure_tiktoken()  # sets TIKTOKEN_CACHE_DIR before Ray workers inherit the env
+from ray_jobs import runner
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main("prune", __doc__, argv, _run,
-                      lambda cfg, m: {"output_dir": cfg.output_dir, "counts": m["counts"], "per_ratio": m.get("per_ratio")},
-                      errors=(FileNotFoundError, KeyError, ValueError), prepare=_prepare)
+    return runner.single_stage(
+        "prune",
+        "tokenskip prune",
+        __doc__,
+        argv,
+        lambda cfg, m: {"output_dir": cfg.output_dir, "counts": m["counts"], "per_ratio": m.get("per_ratio")},
+    )
 
 
 if __name__ == "__main__":

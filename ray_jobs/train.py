@@ -1,4 +1,5 @@
-"""ray job submit --address http://127.0.0.1:8265 --working-dir . --runtime-env cluster/runtime_env.yaml -- python -m ray_jobs.train --config configs/train/smollm2-cpu.yaml
+"""ray job submit --address http://127.0.0.1:8265 --working-dir . --runtime-env cluster/runtime_env.yaml \
+    -- python -m ray_jobs.train --config configs/train/smollm2-cpu.yaml
 
 LoRA SFT of the TokenSkip adapter as a Ray Train job (TorchTrainer; plain DDP or
 DeepSpeed ZeRO-2/3, optional CPU offload), writing the train stage directory: adapter/
@@ -14,27 +15,20 @@ from __future__ import annotations
 
 import sys
 
-from ray_jobs._args import load_stage, stage_main
+from ray_jobs import runner
 
 
-def load(path: str, overrides: list[str]):
-    """TrainConfig (with ``ray`` filled from a pipeline YAML's ``ray`` section)."""
-    return load_stage(path, overrides, "train")[0]
-
-
-def _run(cfg, force: bool) -> dict:
-    from pipelines.train import run_train
-
-    return run_train(cfg, force=force)
+def _summary(cfg, m: dict) -> dict:
+    return {
+        "output_dir": cfg.output_dir,
+        "adapter": m.get("adapter"),
+        "counts": m["counts"],
+        "final_metrics": m.get("final_metrics"),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tokenskip.training import TrainDataError
-
-    return stage_main("train", __doc__, argv, _run,
-                      lambda cfg, m: {"output_dir": cfg.output_dir, "adapter": m.get("adapter"), "counts": m["counts"],
-                                      "final_metrics": m.get("final_metrics")},
-                      errors=(TrainDataError,), init_ray=False)  # run_train joins Ray with cfg.ray itself
+    return runner.single_stage("train", "tokenskip train", __doc__, argv, _summary)
 
 
 if __name__ == "__main__":

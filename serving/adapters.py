@@ -1,4 +1,5 @@
-"""Adapter ids: validation, resolution to a local PEFT dir (downloading URIs), metadata.
+"""Adapter ids: validation, resolution to a local PEFT dir (downloading URIs), metadata
+(the adapter card, :mod:`tokenskip.card`).
 
 No Ray here. ``<base>:<adapter>`` names an adapter; the adapter id is a plain name
 (never a path from the client): it is looked up in the app config's adapter table,
@@ -26,13 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from serving.routing import ApiError, normalize_ratios, parse_ratio_table, table_from_eval_results
+from serving.routing import ApiError, table_from_eval_results
+from tokenskip import card as tscard
 
 log = logging.getLogger("tokenskip.serving")
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _URI_RE = re.compile(r"^[a-z][a-z0-9+.-]*://")
-ADAPTER_META = "tokenskip.json"
 
 
 def validate_adapter_id(adapter_id: str) -> str:
@@ -45,9 +46,13 @@ def validate_adapter_id(adapter_id: str) -> str:
     ...
     serving.routing.ApiError: 400: invalid adapter id '/abs/path': use letters, digits, '.', '_', '-' (no paths)
     """
-    if not isinstance(adapter_id, str) or not _ID_RE.match(adapter_id) or ".." in adapter_id:
-        raise ApiError(400, f"invalid adapter id {adapter_id!r}: use letters, digits, '.', '_', '-' (no paths)",
-                       param="model", code="invalid_adapter_id")
+    if not isinstance(adapter_id, str) or not _ID_RE.fullmatch(adapter_id) or ".." in adapter_id:
+        raise ApiError(
+            400,
+            f"invalid adapter id {adapter_id!r}: use letters, digits, '.', '_', '-' (no paths)",
+            param="model",
+            code="invalid_adapter_id",
+        )
     return adapter_id
 
 
@@ -63,8 +68,12 @@ def split_model(model: Any, base_id: str) -> str | None:
         raise ApiError(400, "model must be a non-empty string", param="model")
     base, sep, adapter = model.partition(":")
     if base != base_id:
-        raise ApiError(404, f"model {model!r} not found; this endpoint serves {base_id!r} and {base_id + ':<adapter>'!r}",
-                       param="model", code="model_not_found")
+        raise ApiError(
+            404,
+            f"model {model!r} not found; this endpoint serves {base_id!r} and {base_id + ':<adapter>'!r}",
+            param="model",
+            code="model_not_found",
+        )
     if not sep:
         return None
     return validate_adapter_id(adapter)
@@ -89,23 +98,51 @@ class AdapterInfo:
     source: str = ""
 
 
-def _download(uri: str, cache_dir: str) -> str:
+def _remote_listing(fs: Any, path: str) -> list[tuple[str, int, int]]:
+    """(relative path, size, mtime ns) of every file under an adapter dir: a changed adapter
+    at the same URI gets another listing, hence another cache entry."""
+    import pyarrow.fs as pafs
+
+    base = path.rstrip("/")
+    out = []
+    for f in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
+        if f.type == pafs.FileType.File:
+            mtime = f.mtime_ns if f.mtime_ns is not None else 0
+            out.append((f.path[len(base) :].lstrip("/"), int(f.size or 0), int(mtime)))
+    return sorted(out)
+
+
+def _download(uri: str, cache_dir: str, name: str = "") -> str:
     """Copy an adapter dir from an object store (pyarrow.fs: s3://, gs://, file://, ...).
 
-    The copy lands in a temp dir and is renamed, so concurrent loaders never see half a dir.
+    The cache entry is keyed by the URI and the listing (names, sizes, mtimes) of its files,
+    so an adapter replaced at the same URI is downloaded again. The copy lands in a temp dir
+    and is renamed, so concurrent loaders never see half a dir. Error messages name the
+    adapter, never the URI (the details go to the log).
     """
     import pyarrow.fs as pafs
 
-    dest = Path(cache_dir) / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    if (dest / "adapter_config.json").is_file():
-        return str(dest)
+    label = name or "adapter"
     try:
         fs, path = pafs.FileSystem.from_uri(uri)
         info = fs.get_file_info(path)
+        found = (
+            info.type == pafs.FileType.Directory
+            and fs.get_file_info(path.rstrip("/") + "/adapter_config.json").type == pafs.FileType.File
+        )
+        listing = _remote_listing(fs, path) if found else []
     except Exception as e:  # bad scheme, missing credentials, unreachable store
-        raise ApiError(404, f"adapter {uri!r} cannot be read: {e}", param="model", code="adapter_not_found") from None
-    if info.type != pafs.FileType.Directory or fs.get_file_info(path.rstrip("/") + "/adapter_config.json").type != pafs.FileType.File:
-        raise ApiError(404, f"adapter {uri!r} not found (no adapter_config.json)", param="model", code="adapter_not_found")
+        log.warning("adapter %s: cannot read %s: %s", label, uri, e)
+        raise ApiError(
+            404, f"adapter {label!r} cannot be read from its store", param="model", code="adapter_not_found"
+        ) from None
+    if not found:
+        log.info("adapter %s: no adapter_config.json under %s", label, uri)
+        raise ApiError(404, f"adapter {label!r} not found", param="model", code="adapter_not_found")
+    version = hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:12]
+    dest = Path(cache_dir) / f"{hashlib.sha256(uri.encode()).hexdigest()[:16]}-{version}"
+    if (dest / "adapter_config.json").is_file():
+        return str(dest)
     tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -117,44 +154,47 @@ def _download(uri: str, cache_dir: str) -> str:
     return str(dest)
 
 
-def _read_json(path: Path) -> Any:
+def adapter_exists(src: str) -> bool:
+    """Whether ``src`` (a local dir or an object-store URI) holds an adapter_config.json."""
+    if not is_uri(src):
+        return (Path(src) / "adapter_config.json").is_file()
+    import pyarrow.fs as pafs
+
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+        fs, path = pafs.FileSystem.from_uri(src)
+        return fs.get_file_info(path.rstrip("/") + "/adapter_config.json").type == pafs.FileType.File
+    except Exception as e:  # unreachable store: treat as missing (negative-cached briefly by the caller)
+        log.warning("cannot check adapter at %s: %s", src, e)
+        return False
 
 
-def _find_key(obj: Any, key: str, depth: int = 3) -> Any:
-    """The first ``key`` in a nested dict (a manifest keeps ratios under config.*)."""
-    if not isinstance(obj, dict) or depth < 0:
-        return None
-    if key in obj:
-        return obj[key]
-    for v in obj.values():
-        found = _find_key(v, key, depth - 1)
-        if found is not None:
-            return found
-    return None
+def read_adapter_card(adapter_id: str, local_dir: str) -> tscard.AdapterCard | None:
+    """The adapter's card (None when it has none); a broken card is a server-side error."""
+    try:
+        return tscard.read_card(local_dir, missing_ok=True)
+    except tscard.CardError as e:
+        log.error("adapter %s: %s", adapter_id, e)
+        raise ApiError(
+            500,
+            f"adapter {adapter_id!r} has an invalid adapter card (details in the server log)",
+            param="model",
+            code="adapter_invalid",
+        ) from None
 
 
-def read_adapter_metadata(local_dir: str) -> tuple[list[float] | None, dict[float, float]]:
-    """(ratios, expected CoT tokens per γ) from ``<dir>/tokenskip.json`` or the train
-    stage's ``<dir>/../manifest.json`` (+ an evaluation ``results.json`` it names)."""
-    ratios, table = None, {}
-    for path in (Path(local_dir) / ADAPTER_META, Path(local_dir).parent / "manifest.json"):
-        meta = _read_json(path) if path.is_file() else None
-        if not isinstance(meta, dict):
-            continue
-        r = _find_key(meta, "ratios")
-        if ratios is None and isinstance(r, list) and r:
-            try:
-                ratios = normalize_ratios(r, f"{path}: ratios")
-            except ValueError as e:
-                log.warning("ignoring ratios in %s: %s", path, e)
-        t = meta.get("expected_cot_tokens")
-        if isinstance(t, dict) and not table:
-            table = parse_ratio_table(t, f"{path}: expected_cot_tokens")
-    return ratios, table
+def _eval_results_table(adapter_id: str, path: str, dataset: str | None) -> dict[float, float]:
+    """Expected CoT tokens from the ``eval_results:`` file an adapter's config names."""
+    try:
+        results = json.loads(Path(path).read_text(encoding="utf-8"))
+        return table_from_eval_results(results, dataset, path)
+    except (OSError, ValueError) as e:  # missing file, bad JSON, not a results.json (CardError)
+        log.error("adapter %s: eval_results %s cannot be used: %s", adapter_id, path, e)
+        raise ApiError(
+            500,
+            f"adapter {adapter_id!r}: its configured eval_results cannot be used (details in the server log)",
+            param="model",
+            code="adapter_invalid",
+        ) from None
 
 
 class AdapterResolver:
@@ -163,7 +203,8 @@ class AdapterResolver:
     def __init__(self, cfg: Any):
         self.cfg = cfg
         self.cache_dir = cfg.adapter_cache_dir or os.path.join(
-            os.environ.get("TOKENSKIP_HOME", os.path.expanduser("~/.cache/tokenskip")), "serve-adapters")
+            os.environ.get("TOKENSKIP_HOME", os.path.expanduser("~/.cache/tokenskip")), "serve-adapters"
+        )
 
     def source(self, adapter_id: str) -> str:
         validate_adapter_id(adapter_id)
@@ -172,8 +213,12 @@ class AdapterResolver:
             return spec.path
         if self.cfg.adapter_root:
             return join(self.cfg.adapter_root, adapter_id)
-        raise ApiError(404, f"adapter {adapter_id!r} not found (known: {', '.join(self.known()) or 'none'})",
-                       param="model", code="adapter_not_found")
+        raise ApiError(
+            404,
+            f"adapter {adapter_id!r} not found (known: {', '.join(self.known()) or 'none'})",
+            param="model",
+            code="adapter_not_found",
+        )
 
     def known(self) -> list[str]:
         """Configured adapters plus adapter dirs under a local adapter_root."""
@@ -181,24 +226,41 @@ class AdapterResolver:
         root = self.cfg.adapter_root
         if root and not is_uri(root) and os.path.isdir(root):
             for entry in sorted(os.listdir(root)):
-                if _ID_RE.match(entry) and (Path(root) / entry / "adapter_config.json").is_file() and entry not in names:
+                if (
+                    _ID_RE.fullmatch(entry)
+                    and (Path(root) / entry / "adapter_config.json").is_file()
+                    and entry not in names
+                ):
                     names.append(entry)
         return names
 
     def resolve(self, adapter_id: str) -> AdapterInfo:
         src = self.source(adapter_id)
         if is_uri(src):
-            local = _download(src, self.cache_dir)
+            local = _download(src, self.cache_dir, adapter_id)
         else:
             local = src
             if not (Path(local) / "adapter_config.json").is_file():
                 raise ApiError(404, f"adapter {adapter_id!r} not found", param="model", code="adapter_not_found")
-        ratios, table = read_adapter_metadata(local)
+        card = read_adapter_card(adapter_id, local)
         spec = self.cfg.adapter(adapter_id)
-        if spec is not None:
-            ratios = spec.ratios or ratios
-            if spec.eval_results:
-                results = _read_json(Path(spec.eval_results))
-                table = table_from_eval_results(results) or table
-            table = dict(spec.expected_cot_tokens or {}) or table
-        return AdapterInfo(adapter_id, local, ratios or list(self.cfg.default_ratios), table, src)
+        if card is not None and card.base_model != self.cfg.model:
+            log.warning("adapter %s was trained on %s; serving it on %s", adapter_id, card.base_model, self.cfg.model)
+        # valid γ: the config's, else the card's; expected CoT tokens: the config's table, else
+        # its eval_results file, else the evaluation recorded on the card
+        ratios = (spec.ratios if spec else None) or (card.ratios if card else None) or list(self.cfg.default_ratios)
+        table: dict[float, float] = dict(spec.expected_cot_tokens or {}) if spec else {}
+        if not table and spec is not None and spec.eval_results:
+            table = _eval_results_table(adapter_id, spec.eval_results, spec.eval_dataset)
+        if not table and card is not None:
+            try:
+                table = card.expected_cot_tokens(spec.eval_dataset if spec else None)
+            except tscard.CardError as e:  # eval_dataset names a dataset the card has no evaluation of
+                log.error("adapter %s: %s", adapter_id, e)
+                raise ApiError(
+                    500,
+                    f"adapter {adapter_id!r}: its card has no evaluation of eval_dataset {spec.eval_dataset!r}",
+                    param="model",
+                    code="adapter_invalid",
+                ) from None
+        return AdapterInfo(adapter_id, local, list(ratios), table, src)

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
 
+from serving.routing import parse_ratio_table
+from tokenskip import gamma
 from tokenskip.config import ConfigError, _build, to_dict
-
-from serving.routing import normalize_ratios, parse_ratio_table
 
 
 @dataclass
@@ -30,9 +29,22 @@ class AdapterSpec:
 
     name: str = ""
     path: str = ""
-    ratios: list[float] | None = field(default=None, metadata={"help": "valid γ; default: adapter manifest, then app default"})
-    expected_cot_tokens: dict | None = field(default=None, metadata={"help": "γ -> expected CoT tokens (budget routing)"})
-    eval_results: str | None = field(default=None, metadata={"help": "an evaluate stage results.json with tokens per γ"})
+    ratios: list[float] | None = field(
+        default=None, metadata={"help": "valid γ; default: the adapter card's, then default_ratios"}
+    )
+    expected_cot_tokens: dict | None = field(
+        default=None, metadata={"help": "γ -> expected CoT tokens (budget routing)"}
+    )
+    eval_results: str | None = field(
+        default=None,
+        metadata={
+            "help": "an evaluate stage results.json with tokens per γ (default: the evaluation on the adapter card)"
+        },
+    )
+    eval_dataset: str | None = field(
+        default=None,
+        metadata={"help": "which evaluated dataset's CoT lengths route budgets (default: the first one evaluated)"},
+    )
 
     def __post_init__(self) -> None:
         from serving.adapters import validate_adapter_id
@@ -45,33 +57,56 @@ class AdapterSpec:
         except ApiError as e:
             raise ConfigError(f"adapters[].name: {e.message}") from None
         if self.ratios is not None:
-            self.ratios = normalize_ratios(self.ratios, f"adapters[{self.name}].ratios")
+            self.ratios = gamma.normalize(self.ratios, f"adapters[{self.name}].ratios")
         if self.expected_cot_tokens is not None:
-            self.expected_cot_tokens = parse_ratio_table(self.expected_cot_tokens, f"adapters[{self.name}].expected_cot_tokens")
+            self.expected_cot_tokens = parse_ratio_table(
+                self.expected_cot_tokens, f"adapters[{self.name}].expected_cot_tokens"
+            )
 
 
 @dataclass
 class ServeAppConfig:
     """The whole app: model + engine, adapters, γ defaults, limits, auth, deployments."""
 
-    model: str = field(default="smollm2-135m-instruct", metadata={"help": "embedded name, hub id or path of the base model"})
-    model_id: str | None = field(default=None, metadata={"help": "the id clients use in `model` (default: model's basename)"})
-    engine_kwargs: dict = field(default_factory=dict, metadata={"help": "vLLM AsyncEngineArgs overrides (tensor_parallel_size, ...)"})
+    model: str = field(
+        default="smollm2-135m-instruct", metadata={"help": "embedded name, hub id or path of the base model"}
+    )
+    model_id: str | None = field(
+        default=None, metadata={"help": "the id clients use in `model` (default: model's basename)"}
+    )
+    engine_kwargs: dict = field(
+        default_factory=dict, metadata={"help": "vLLM AsyncEngineArgs overrides (tensor_parallel_size, ...)"}
+    )
     max_lora_rank: int = 16
     adapters: list[AdapterSpec] = field(default_factory=list)
     adapter_root: str | None = field(default=None, metadata={"help": "dir or URI: `<base>:<name>` loads <root>/<name>"})
-    adapter_cache_dir: str | None = field(default=None, metadata={"help": "local dir for adapters downloaded from URIs"})
+    adapter_cache_dir: str | None = field(
+        default=None, metadata={"help": "local dir for adapters downloaded from URIs"}
+    )
     max_adapters_per_replica: int = field(default=4, metadata={"help": "@serve.multiplexed LRU size"})
-    default_ratios: list[float] = field(default_factory=lambda: [1.0, 0.9, 0.8, 0.7, 0.6, 0.5])
+    default_ratios: list[float] = field(
+        default_factory=lambda: list(gamma.DEFAULT_RATIOS), metadata={"help": "valid γ of an adapter without a card"}
+    )
     base_ratios: list[float] = field(default_factory=lambda: [1.0], metadata={"help": "valid γ for the base model"})
     base_expected_cot_tokens: dict | None = None
     default_max_tokens: int = 512
     default_temperature: float = field(default=0.0, metadata={"help": "TokenSkip decodes greedily"})
     max_request_bytes: int = field(default=1 << 20, metadata={"help": "bigger bodies get 413"})
-    api_keys: list[str] = field(default_factory=list, metadata={"help": "if set, `Authorization: Bearer <key>` required"})
-    api_key_env: str | None = field(default=None, metadata={"help": "env var with comma-separated API keys"})
+    api_keys: list[str] = field(
+        default_factory=list, metadata={"help": "if set, `Authorization: Bearer <key>` required"}
+    )
+    api_key_env: str | None = field(
+        default=None,
+        metadata={
+            "help": "env var with comma-separated API keys (it must "
+            "hold at least one key, else the app refuses to start)"
+        },
+    )
     retry_after_s: int = 1
-    ingress_deployment: dict = field(default_factory=dict, metadata={"help": "Serve Deployment.options for the ingress"})
+    docs: bool = field(default=False, metadata={"help": "serve /docs and /openapi.json"})
+    ingress_deployment: dict = field(
+        default_factory=dict, metadata={"help": "Serve Deployment.options for the ingress"}
+    )
     model_deployment: dict = field(default_factory=dict, metadata={"help": "Serve Deployment.options for the model"})
 
     def __post_init__(self) -> None:
@@ -84,8 +119,8 @@ class ServeAppConfig:
         for name in ("max_lora_rank", "max_adapters_per_replica", "default_max_tokens", "max_request_bytes"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        self.default_ratios = normalize_ratios(self.default_ratios, "default_ratios")
-        self.base_ratios = normalize_ratios(self.base_ratios, "base_ratios")
+        self.default_ratios = gamma.normalize(self.default_ratios, "default_ratios")
+        self.base_ratios = gamma.normalize(self.base_ratios, "base_ratios")
         if self.base_expected_cot_tokens is not None:
             self.base_expected_cot_tokens = parse_ratio_table(self.base_expected_cot_tokens, "base_expected_cot_tokens")
         queued = (self.ingress_deployment or {}).get("max_queued_requests", -1)
@@ -93,9 +128,11 @@ class ServeAppConfig:
             # A full ingress queue is answered by Serve's HTTP proxy itself (a plain-text 503),
             # before any of this app's code runs; the model deployment's queue limit comes back
             # as an OpenAI-style 503 with Retry-After.
-            raise ConfigError("ingress_deployment.max_queued_requests: bound the queue on model_deployment instead "
-                              "(its overflow is answered with an OpenAI-style 503 + Retry-After; the ingress's "
-                              "would be a plain-text 503 from Serve's proxy)")
+            raise ConfigError(
+                "ingress_deployment.max_queued_requests: bound the queue on model_deployment instead "
+                "(its overflow is answered with an OpenAI-style 503 + Retry-After; the ingress's "
+                "would be a plain-text 503 from Serve's proxy)"
+            )
         names = [a.name for a in self.adapters]
         if len(names) != len(set(names)):
             raise ConfigError(f"adapters: duplicate names in {names}")
@@ -109,10 +146,33 @@ class ServeAppConfig:
     def to_dict(self) -> dict:
         return to_dict(self)
 
-    def valid_api_keys(self) -> set[str]:
-        keys = set(self.api_keys)
-        if self.api_key_env and os.environ.get(self.api_key_env):
-            keys |= {k.strip() for k in os.environ[self.api_key_env].split(",") if k.strip()}
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys or self.api_key_env)
+
+    def valid_api_keys(self) -> set[str] | None:
+        """The accepted API keys; None = auth off (neither ``api_keys`` nor ``api_key_env``).
+
+        Fails closed: a configured key source that yields no keys (``api_key_env`` naming an
+        unset or blank variable, blank ``api_keys``) is a :class:`ConfigError` naming it.
+        """
+        if not self.auth_enabled():
+            return None
+        keys = set()
+        for i, k in enumerate(self.api_keys):
+            if not isinstance(k, str) or not k.strip():
+                raise ConfigError(f"api_keys[{i}]: an API key must be a non-empty string")
+            keys.add(k.strip())
+        if self.api_key_env:
+            raw = os.environ.get(self.api_key_env)
+            env_keys = {k.strip() for k in (raw or "").split(",") if k.strip()}
+            if not env_keys:
+                state = "is not set" if raw is None else "holds no key"
+                raise ConfigError(
+                    f"api_key_env: the environment variable {self.api_key_env} {state}; refusing to start "
+                    f"an endpoint without its API keys (set {self.api_key_env}=key1,key2 where the Serve "
+                    "replicas run, or remove api_key_env to turn auth off)"
+                )
+            keys |= env_keys
         return keys
 
     def adapter(self, name: str) -> AdapterSpec | None:

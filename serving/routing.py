@@ -1,4 +1,4 @@
-"""γ routing for the Serve app: pure functions, no Ray, no model (SPEC §4).
+"""γ routing for the Serve app: pure functions, no Ray, no model (docs/method.md §5).
 
 A request picks its compression in one of three ways:
 
@@ -25,10 +25,9 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+from tokenskip import card as tscard
+from tokenskip import gamma
 from tokenskip import prompt as tsprompt
-from tokenskip.config import check_ratio
-
-DEFAULT_RATIOS: tuple[float, ...] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
 
 
 class ApiError(Exception):
@@ -42,11 +41,22 @@ class ApiError(Exception):
     ('compression_ratio', 400)
     """
 
-    _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-              413: "request_too_large", 503: "overloaded_error"}
+    _TYPES = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        404: "not_found_error",
+        413: "request_too_large",
+        503: "overloaded_error",
+    }
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 retry_after: float | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ):
         super().__init__(status, message, param, code, retry_after)
         self.status, self.message, self.param, self.code, self.retry_after = status, message, param, code, retry_after
 
@@ -54,73 +64,54 @@ class ApiError(Exception):
         return f"{self.status}: {self.message}"
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self._TYPES.get(self.status, "server_error"),
-                          "param": self.param, "code": self.code}}
-
-
-def normalize_ratios(ratios: Sequence[Any], where: str = "ratios") -> list[float]:
-    """Validated, de-duplicated, rounded, descending.
-
-    >>> normalize_ratios([0.5, 1, 0.70000001, 0.5])
-    [1.0, 0.7, 0.5]
-    """
-    out = {round(check_ratio(r, f"{where}[{i}]"), 4) for i, r in enumerate(ratios)}
-    if not out:
-        raise ValueError(f"{where} must not be empty")
-    return sorted(out, reverse=True)
+        return {
+            "error": {
+                "message": self.message,
+                "type": self._TYPES.get(self.status, "server_error"),
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 def parse_ratio_table(table: Mapping[Any, Any] | None, where: str = "expected_cot_tokens") -> dict[float, float]:
-    """``{γ: expected CoT tokens}`` from a mapping with str or float keys (YAML/JSON).
+    """``{γ: expected CoT tokens}`` from a mapping with γ-key or number keys (YAML/JSON).
 
-    >>> parse_ratio_table({"1.0": 200, "0.5": 110.5})
+    >>> parse_ratio_table({"1.0": 200, 0.5: 110.5})
     {1.0: 200.0, 0.5: 110.5}
+    >>> parse_ratio_table({"1.0": -3})
+    Traceback (most recent call last):
+    ...
+    ValueError: expected_cot_tokens: expected tokens for γ=1.0 must be >= 0, got -3
     """
     out: dict[float, float] = {}
     for k, v in (table or {}).items():
-        try:
-            g = round(check_ratio(float(k), f"{where} key {k!r}"), 4)
-            t = float(v)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{where}: bad entry {k!r}: {v!r} ({e})") from None
-        if not math.isfinite(t) or t < 0:
-            raise ValueError(f"{where}: expected tokens for γ={k} must be >= 0, got {v!r}")
-        out[g] = t
+        g = gamma.parse(k, f"{where} key {k!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{where}: expected tokens for γ={gamma.key(g)} must be >= 0, got {v!r}")
+        out[g] = float(v)
     return out
 
 
-def table_from_eval_results(results: Any) -> dict[float, float]:
-    """Expected CoT tokens per γ from an evaluation ``results.json`` (lenient).
+def table_from_eval_results(
+    results: Any, dataset: str | None = None, source: str = "results.json"
+) -> dict[float, float]:
+    """Expected CoT tokens per γ from an evaluate stage ``results.json``: its TokenSkip
+    rows under ``datasets.<name>.conditions`` (``dataset`` None: the first dataset), read
+    the same way the adapter card's evaluation is (:func:`tokenskip.card.evaluation_from_results`).
 
-    Accepts a list of rows, or a dict holding such a list (``rows``/``results``/
-    ``per_ratio``), each row with a ``ratio`` and a mean-token field.
-
-    >>> table_from_eval_results({"rows": [{"ratio": 1.0, "mean_cot_tokens": 200}, {"ratio": 0.5, "mean_tokens": 90}]})
+    >>> table_from_eval_results({"datasets": {"gsm8k": {"conditions": [
+    ...     {"method": "original", "ratio": None, "mean_tokens": 260},
+    ...     {"method": "tokenskip", "ratio": 1.0, "mean_cot_tokens": 200, "mean_tokens": 210},
+    ...     {"method": "truncation", "ratio": 0.5, "mean_tokens": 100},
+    ...     {"method": "tokenskip", "ratio": 0.5, "mean_tokens": 90}]}}})
     {1.0: 200.0, 0.5: 90.0}
-    >>> table_from_eval_results({"per_ratio": {"0.5": {"mean_cot_tokens": 80}}})
-    {0.5: 80.0}
+    >>> table_from_eval_results({"rows": []})
+    Traceback (most recent call last):
+    ...
+    tokenskip.card.CardError: results.json: not an evaluate results.json (no 'datasets' mapping)
     """
-    token_keys = ("mean_cot_tokens", "cot_tokens", "mean_tokens", "tokens", "mean_output_tokens")
-    rows: Any = results
-    if isinstance(results, dict):
-        for key in ("rows", "results", "per_ratio", "ratios", "tokenskip"):
-            if key in results:
-                rows = results[key]
-                break
-    if isinstance(rows, dict):
-        rows = [dict(v, ratio=k) for k, v in rows.items() if isinstance(v, dict)]
-    out: dict[float, float] = {}
-    for row in rows if isinstance(rows, list) else []:
-        if not isinstance(row, dict) or "ratio" not in row or row.get("method", "tokenskip") not in ("tokenskip", None):
-            continue
-        tok = next((row[k] for k in token_keys if isinstance(row.get(k), (int, float))), None)
-        try:
-            g = round(check_ratio(float(row["ratio"])), 4)
-        except (TypeError, ValueError):
-            continue
-        if tok is not None:
-            out[g] = float(tok)
-    return out
+    return tscard.expected_cot_tokens(tscard.evaluation_from_results(results, source), dataset, source)
 
 
 def expected_tokens(table: Mapping[float, float], ratio: float) -> float | None:
@@ -147,11 +138,15 @@ class Route:
 
 
 def _valid_list(valid: Sequence[float]) -> str:
-    return ", ".join(tsprompt.format_ratio(v) for v in valid)
+    return ", ".join(gamma.key(v) for v in valid)
 
 
-def route(compression_ratio: Any, max_cot_tokens: Any, valid_ratios: Sequence[float],
-          expected: Mapping[float, float] | None = None) -> Route:
+def route(
+    compression_ratio: Any,
+    max_cot_tokens: Any,
+    valid_ratios: Sequence[float],
+    expected: Mapping[float, float] | None = None,
+) -> Route:
     """Choose γ for a request; :class:`ApiError` (400) for invalid parameters.
 
     >>> route(0.3, None, [1.0, 0.5])
@@ -165,28 +160,41 @@ def route(compression_ratio: Any, max_cot_tokens: Any, valid_ratios: Sequence[fl
     ...
     serving.routing.ApiError: 400: give either compression_ratio or max_cot_tokens, not both
     """
-    valid = normalize_ratios(valid_ratios)
+    valid = gamma.normalize(valid_ratios, "valid ratios")
     if compression_ratio is not None and max_cot_tokens is not None:
         raise ApiError(400, "give either compression_ratio or max_cot_tokens, not both", param="compression_ratio")
     if compression_ratio is not None:
         if isinstance(compression_ratio, bool) or not isinstance(compression_ratio, (int, float)):
-            raise ApiError(400, f"compression_ratio must be a number, got {compression_ratio!r}", param="compression_ratio")
+            raise ApiError(
+                400, f"compression_ratio must be a number, got {compression_ratio!r}", param="compression_ratio"
+            )
         g = float(compression_ratio)
         if not math.isfinite(g) or not any(abs(g - v) < 1e-6 for v in valid):
-            raise ApiError(400, f"compression_ratio {compression_ratio} is not supported by this model; valid values: "
-                                f"{_valid_list(valid)}", param="compression_ratio", code="invalid_compression_ratio")
+            raise ApiError(
+                400,
+                f"compression_ratio {compression_ratio} is not supported by this model; valid values: "
+                f"{_valid_list(valid)}",
+                param="compression_ratio",
+                code="invalid_compression_ratio",
+            )
         g = next(v for v in valid if abs(g - v) < 1e-6)
         return Route(g, "explicit", expected_tokens(expected or {}, g))
     if max_cot_tokens is not None:
         if isinstance(max_cot_tokens, bool) or not isinstance(max_cot_tokens, (int, float)) or max_cot_tokens <= 0:
-            raise ApiError(400, f"max_cot_tokens must be a positive number, got {max_cot_tokens!r}", param="max_cot_tokens")
+            raise ApiError(
+                400, f"max_cot_tokens must be a positive number, got {max_cot_tokens!r}", param="max_cot_tokens"
+            )
         table = expected or {}
         known = [(v, expected_tokens(table, v)) for v in valid]
         known = [(v, t) for v, t in known if t is not None]
         if not known:
-            raise ApiError(400, "max_cot_tokens needs expected CoT lengths for this model (adapter manifest, evaluation "
-                                "results or the app config's expected_cot_tokens); give compression_ratio instead",
-                           param="max_cot_tokens")
+            raise ApiError(
+                400,
+                "max_cot_tokens needs expected CoT lengths for this model (the evaluation on its "
+                "adapter card, the config's eval_results or expected_cot_tokens); give "
+                "compression_ratio instead",
+                param="max_cot_tokens",
+            )
         fitting = [(v, t) for v, t in known if t <= max_cot_tokens]
         if fitting:
             g, t = max(fitting)

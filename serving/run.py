@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import signal
+import sys
 import threading
 
 from tokenskip.config import ConfigError, apply_overrides, read_yaml
@@ -40,6 +42,48 @@ def load_serve_config(path: str, overrides: list[str] = ()) -> dict:
     return data
 
 
+def check_apps(conf: dict, host: str) -> list[str]:
+    """Refuse what must not start, before Ray does: a tokenskip app whose configured API-key
+    source yields no keys (``ConfigError`` naming the variable). Returns the warnings to print
+    (an endpoint beyond loopback without keys)."""
+    from serving.app import build_app, open_endpoint_warning
+    from serving.config import ServeAppConfig
+
+    warnings = []
+    for i, app in enumerate(conf["applications"]):
+        if _builder(app["import_path"]) is not build_app:
+            continue
+        try:
+            cfg = ServeAppConfig.from_dict(app.get("args") or {})
+            keys = cfg.valid_api_keys()
+        except ConfigError as e:
+            raise ConfigError(f"applications[{i}] ({app.get('name', 'default')}): {e}") from None
+        warning = open_endpoint_warning(host, keys is not None)
+        if warning:
+            warnings.append(warning)
+    return warnings
+
+
+def start_ray(num_cpus: float | None = None, runtime_env: dict | None = None) -> None:
+    """Connect to the cluster in RAY_ADDRESS, else start a local single-node Ray on 127.0.0.1
+    (its workers inherit this process's environment: offline caches, vLLM-CPU settings)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict = {"include_dashboard": False, "log_to_driver": True}
+    if runtime_env:
+        kwargs["runtime_env"] = runtime_env
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(**kwargs)
+    else:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        if num_cpus:
+            kwargs["num_cpus"] = num_cpus
+        ray.init(address="local", _node_ip_address="127.0.0.1", **kwargs)
+    log.info("ray resources: %s", ray.cluster_resources())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="tokenskip serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", "-c", default="serving/serve_config.yaml", help="Serve config YAML")
@@ -49,29 +93,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="app args overrides, e.g. model=smollm2-135m-instruct")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    conf = load_serve_config(args.config, args.overrides)
-
-    from ray import serve
-
-    from pipelines.common import init_ray
-
+    try:
+        conf = load_serve_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"tokenskip serve: error: {e}", file=sys.stderr)
+        return 2
     http = dict(conf.get("http_options") or {})
     http.setdefault("host", "127.0.0.1")
     if args.host:
         http["host"] = args.host
     if args.port:
         http["port"] = args.port
-    ray_kwargs = {"num_cpus": args.num_cpus} if args.num_cpus else {}
-    if conf["applications"][0].get("runtime_env"):
-        ray_kwargs["runtime_env"] = conf["applications"][0]["runtime_env"]
-    init_ray(ray_kwargs)
+    try:
+        warnings = check_apps(conf, http["host"])
+    except ConfigError as e:
+        print(f"tokenskip serve: error: {e}", file=sys.stderr)
+        return 2
+    for warning in warnings:
+        log.warning(warning)
+        print(warning, file=sys.stderr, flush=True)
+
+    from ray import serve
+
+    stop = threading.Event()  # SIGTERM stops cleanly from here on (also while Ray and the apps start)
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    start_ray(args.num_cpus, conf["applications"][0].get("runtime_env"))
     serve.start(http_options=http)
     for app in conf["applications"]:
         target = _builder(app["import_path"])(app.get("args") or {})
         serve.run(target, name=app.get("name", "default"), route_prefix=app.get("route_prefix", "/"), blocking=False)
-    print(f"tokenskip serve: OpenAI API at http://{http['host']}:{http.get('port', 8000)}/v1 (Ctrl-C stops)", flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    print(
+        f"tokenskip serve: OpenAI API at http://{http['host']}:{http.get('port', 8000)}/v1 (Ctrl-C stops)", flush=True
+    )
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # again: ray.init may have installed its own handler
     try:
         while not stop.wait(1.0):
             pass

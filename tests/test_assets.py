@@ -45,7 +45,12 @@ def test_concurrent_conversion_is_atomic(tmp_path):
     """Several processes asking at once: one converts, all get the same finished folder."""
     code = "from tokenskip import assets; print(assets.ensure_smollm2())"
     env = {**__import__("os").environ, "TOKENSKIP_HOME": str(tmp_path)}
-    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        )
+        for _ in range(3)
+    ]
     # last line: the path (libraries may log to stdout before it)
     outs = [(p.communicate(timeout=600)[0].strip().splitlines() or [""])[-1] for p in procs]
     assert all(p.returncode == 0 for p in procs)

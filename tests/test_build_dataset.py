@@ -82,21 +82,46 @@ def _kill_leftovers(sid: int, marker: str) -> list[int]:
 @pytest.mark.integration
 def test_kill_mid_generation_then_resume(tmp_path, tiny_llama, ray_local):
     src = tmp_path / "q.jsonl"
-    src.write_text("".join(json.dumps({"question": f"Sam has {i} pens and gets 3 more. How many pens?",
-                                       "answer": f"{i}+3=<<{i}+3={i + 3}>>{i + 3} pens.\n#### {i + 3}"}) + "\n"
-                           for i in range(N_QUESTIONS))
-                   + json.dumps({"question": "pens " * 600 + "?", "answer": "#### 1"}) + "\n"  # prompt too long
-                   + json.dumps({"answer": "#### 2"}) + "\n")  # no question: unreadable row
+    src.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "question": f"Sam has {i} pens and gets 3 more. How many pens?",
+                    "answer": f"{i}+3=<<{i}+3={i + 3}>>{i + 3} pens.\n#### {i + 3}",
+                }
+            )
+            + "\n"
+            for i in range(N_QUESTIONS)
+        )
+        + json.dumps({"question": "pens " * 600 + "?", "answer": "#### 1"})
+        + "\n"  # prompt too long
+        + json.dumps({"answer": "#### 2"})
+        + "\n"
+    )  # no question: unreadable row
     ray_tmp = tempfile.mkdtemp(prefix="tsr", dir="/tmp")  # short: Ray's socket paths have a length limit
     run_dir = tmp_path / "run"
     cfg = {
-        "kind": "pipeline", "name": "kill-test", "run_dir": str(run_dir), "model": tiny_llama,
+        "kind": "pipeline",
+        "name": "kill-test",
+        "run_dir": str(run_dir),
+        "model": tiny_llama,
         "stages": ["generate", "prune", "build_sft"],
         "ray": {"num_cpus": 4, "_temp_dir": ray_tmp},
-        "generate": {"data": {"name": str(src), "kind": "gsm8k"}, "max_new_tokens": 64, "batch_size": 4,
-                     "shard_rows": 4, "backend": "vllm_udf", "max_prompt_tokens": 512},
+        "generate": {
+            "data": {"name": str(src), "kind": "gsm8k"},
+            "max_new_tokens": 64,
+            "batch_size": 4,
+            "shard_rows": 4,
+            "backend": "vllm_udf",
+            "max_prompt_tokens": 512,
+        },
         "prune": {"scorer": "self_info", "scorer_model": tiny_llama, "ratios": [0.9, 0.7, 0.5], "batch_size": 8},
-        "build_sft": {"cot_source": "gold", "ratios": [1.0, 0.9, 0.7, 0.5], "ratio_sampling": "all", "val_fraction": 0.1},
+        "build_sft": {
+            "cot_source": "gold",
+            "ratios": [1.0, 0.9, 0.7, 0.5],
+            "ratio_sampling": "all",
+            "val_fraction": 0.1,
+        },
     }
     path = tmp_path / "pipe.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -111,7 +136,9 @@ def test_kill_mid_generation_then_resume(tmp_path, tiny_llama, ray_local):
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None and not list((gen / "parts").glob("part-*.parquet")):
             time.sleep(0.05)
-        assert proc.poll() is None, f"run ended before it could be killed:\n{(tmp_path / 'run1.log').read_text()[-3000:]}"
+        assert proc.poll() is None, (
+            f"run ended before it could be killed:\n{(tmp_path / 'run1.log').read_text()[-3000:]}"
+        )
         assert list((gen / "parts").glob("part-*.parquet")), "no part committed within 240 s"
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
@@ -129,7 +156,9 @@ def test_kill_mid_generation_then_resume(tmp_path, tiny_llama, ray_local):
 
     # 2. Re-run to completion (through the other backend, ray.data.llm): only the missing
     #    questions are generated.
-    rerun = subprocess.run(cmd + ["generate.backend=ray_data_llm"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(
+        cmd + ["generate.backend=ray_data_llm"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     _kill_leftovers(-1, ray_tmp)
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-4000:]
     manifest = artifacts.read_manifest(gen)

@@ -1,6 +1,6 @@
 import pytest
 
-from tokenskip import cli
+from ray_jobs import cli
 
 
 @pytest.mark.parametrize("cmd", list(cli.COMMANDS))
@@ -32,8 +32,10 @@ def test_pipeline_refuses_a_stage_finished_with_another_config(tmp_path, capsys,
     from tokenskip.config import PipelineConfig, load_config, stage_config
 
     cfg = tmp_path / "p.yaml"
-    cfg.write_text(f"kind: pipeline\nrun_dir: {tmp_path / 'run'}\nstages: [generate]\n"
-                   "generate: {data: {name: gsm8k, limit: 2}, max_new_tokens: 8}\n")
+    cfg.write_text(
+        f"kind: pipeline\nrun_dir: {tmp_path / 'run'}\nstages: [generate]\n"
+        "generate: {data: {name: gsm8k, limit: 2}, max_new_tokens: 8}\n"
+    )
     # a generate stage finished with max_new_tokens 8 (no engine needed: it is only read back)
     gen = stage_config(load_config(PipelineConfig, str(cfg)), "generate")
     artifacts.check_fingerprint(gen.output_dir, gen)

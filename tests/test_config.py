@@ -58,7 +58,10 @@ def test_pipeline_yaml_gives_stage_sections(tmp_path):
     p.write_text("kind: pipeline\nrun_dir: /tmp/r\nmodel: my/model\nprune:\n  ratios: [0.5]\n")
     pcfg = C.load_config(C.PruneConfig, p, ["batch_size=3"])
     assert pcfg.ratios == [0.5] and pcfg.batch_size == 3
-    assert pcfg.input == "/tmp/r/cots" and pcfg.output_dir == "/tmp/r/prune"
+    assert pcfg.output_dir == "/tmp/r/prune"
+    from pipelines.stages import stage_config  # the stage table wires the inputs
+
+    assert stage_config(C.load_config(C.PipelineConfig, p), "prune").input == "/tmp/r/cots"
     gcfg = C.load_config(C.GenerateConfig, p)
     assert gcfg.model == "my/model" and gcfg.output_dir == "/tmp/r/generate"
 
@@ -74,3 +77,77 @@ def test_every_shipped_yaml_loads():
 def test_describe_lists_nested_keys():
     keys = [k for k, _, _ in C.describe(C.PipelineConfig)]
     assert "generate.data.name" in keys and "train.lora.r" in keys
+
+
+# --------------------------------------------------------------------------- bad config values (#15.11)
+
+
+def test_float_written_without_a_dot_is_a_number(tmp_path):
+    p = tmp_path / "t.yaml"
+    p.write_text("kind: train\nlearning_rate: 1e-4\nwarmup_ratio: 5e-2\n")  # YAML 1.1 reads both as strings
+    cfg = C.load_config(C.TrainConfig, p)
+    assert cfg.learning_rate == 1e-4 and cfg.warmup_ratio == 0.05
+    assert C.load_config(C.TrainConfig, data={}, overrides=["learning_rate=3e-5"]).learning_rate == 3e-5
+    with pytest.raises(C.ConfigError, match="learning_rate has the wrong type"):
+        C.load_config(C.TrainConfig, data={"learning_rate": "fast"})
+
+
+@pytest.mark.parametrize("text,key", [
+    ("kind: train\nlearning_rate: .nan\n", "learning_rate"),
+    ("kind: train\nepochs: .inf\n", "epochs"),
+    ("kind: generate\ntemperature: .nan\n", "temperature"),
+    ("kind: generate\nengine_kwargs:\n  gpu_memory_utilization: .nan\n", "engine_kwargs.gpu_memory_utilization"),
+    ("kind: pipeline\ntrain:\n  deepspeed:\n    optimizer:\n      params:\n        eps: -.inf\n",
+     "train.deepspeed.optimizer.params.eps"),
+    ("kind: evaluate\nratios: [1.0, .nan]\n", "ratios"),
+])
+def test_nan_and_inf_are_refused_everywhere(tmp_path, text, key):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(C.ConfigError, match=key.replace(".", r"\.")):
+        C.load_any(p)
+
+
+def test_nan_refused_when_built_directly():
+    with pytest.raises(C.ConfigError, match="temperature"):
+        C.GenerateConfig(temperature=float("nan"))
+    with pytest.raises(C.ConfigError, match="learning_rate"):
+        C.TrainConfig(learning_rate=float("inf"))
+
+
+def test_type_error_while_building_names_the_key(tmp_path):
+    p = tmp_path / "t.yaml"
+    p.write_text("kind: train\nlora:\n  target_modules: 5\n")
+    with pytest.raises(C.ConfigError, match=r"lora\.target_modules = 5: value of the wrong type") as e:
+        C.load_config(C.TrainConfig, p)
+    assert str(p) in str(e.value)
+
+
+@pytest.mark.parametrize("override", ["run_dir=s3://bucket/runs/x", "generate.output_dir=gs://b/gen",
+                                      "evaluate.output_dir=hdfs://nn/eval", "train.output_dir=az://c/t"])
+def test_uri_run_dir_and_output_dir_are_refused(override):
+    with pytest.raises(C.ConfigError, match="object storage is not supported"):
+        C.load_config(C.PipelineConfig, data={}, overrides=[override])
+    # Ray Train's own storage may be a bucket
+    assert C.load_config(C.TrainConfig, data={"storage_path": "s3://b/ray"}).storage_path == "s3://b/ray"
+
+
+def test_max_reject_share_range():
+    assert C.GenerateConfig().max_reject_share == 0.5
+    with pytest.raises(C.ConfigError, match="max_reject_share"):
+        C.load_config(C.PruneConfig, data={"max_reject_share": 1.5})
+
+
+def test_prune_cut_and_protect_resolve_by_scorer():
+    from tokenskip.config import ConfigError, PruneConfig
+
+    si = PruneConfig(scorer="self_info")
+    assert (si.resolved_cut(), si.resolved_protect()) == ("budget", "numbers")
+    ll = PruneConfig(scorer="llmlingua2")
+    assert (ll.resolved_cut(), ll.resolved_protect()) == ("percentile", "none")  # llmlingua parity stays the default
+    assert PruneConfig(scorer="self_info", cut="percentile").resolved_protect() == "none"
+    with pytest.raises(ConfigError, match="reference_quirks"):
+        PruneConfig(scorer="llmlingua2", cut="budget")
+    assert PruneConfig(scorer="llmlingua2", cut="budget", reference_quirks=False).resolved_protect() == "numbers"
+    with pytest.raises(ConfigError, match="cut must be one of"):
+        PruneConfig(cut="middle")

@@ -5,10 +5,15 @@ import pytest
 from tokenskip import data as D
 
 
-@pytest.mark.parametrize("name,split,n,kind", [
-    ("gsm8k", "train", 7473, "gsm8k"), ("gsm8k", "test", 1319, "gsm8k"),
-    ("math", "test", 5000, "math"), ("math500", "test", 500, "math"),
-])
+@pytest.mark.parametrize(
+    "name,split,n,kind",
+    [
+        ("gsm8k", "train", 7473, "gsm8k"),
+        ("gsm8k", "test", 1319, "gsm8k"),
+        ("math", "test", 5000, "math"),
+        ("math500", "test", 500, "math"),
+    ],
+)
 def test_embedded_datasets(name, split, n, kind):
     res = D.load_questions(name, split)
     assert len(res.rows) == n and not res.rejects
@@ -34,15 +39,25 @@ def _write(path, lines):
 
 
 def test_malformed_row_names_file_and_line(tmp_path):
-    f = _write(tmp_path / "q.jsonl", [json.dumps({"question": "1+1?", "answer": "#### 2"}), "{not json", json.dumps({"question": "", "gold": "3"})])
+    f = _write(
+        tmp_path / "q.jsonl",
+        [json.dumps({"question": "1+1?", "answer": "#### 2"}), "{not json", json.dumps({"question": "", "gold": "3"})],
+    )
     with pytest.raises(D.DataError, match=r"q.jsonl:2: invalid JSON"):
         D.load_questions(str(f))
 
 
 def test_lenient_loading_collects_rejects(tmp_path):
-    f = _write(tmp_path / "q.jsonl", [json.dumps({"question": "1+1?", "answer": "#### 2"}), "{not json",
-                                      json.dumps({"question": "", "gold": "3"}), json.dumps({"question": "x?"}),
-                                      json.dumps({"problem": "2x=4, x?", "solution": "So $x=\\boxed{2}$."})])
+    f = _write(
+        tmp_path / "q.jsonl",
+        [
+            json.dumps({"question": "1+1?", "answer": "#### 2"}),
+            "{not json",
+            json.dumps({"question": "", "gold": "3"}),
+            json.dumps({"question": "x?"}),
+            json.dumps({"problem": "2x=4, x?", "solution": "So $x=\\boxed{2}$."}),
+        ],
+    )
     res = D.load_questions(str(f), lenient=True)
     assert [r["gold"] for r in res.rows] == ["2", "2"]
     assert [r["line"] for r in res.rejects] == [2, 3, 4]
@@ -76,3 +91,20 @@ def test_math_train_has_one_real_bad_row():
         D.load_questions("math", "train")
     res = D.load_questions("math", "train", lenient=True)
     assert len(res.rows) == 7498 and [r["line"] for r in res.rejects] == [5342, 5344]
+
+
+def test_non_utf8_byte_is_a_reject_or_an_error_naming_file_and_line(tmp_path):
+    f = tmp_path / "q.jsonl"
+    f.write_bytes(
+        b'{"question": "1+1?", "answer": "#### 2"}\n{"question": "caf\xe9?", "answer": "#### 3"}\n'
+        b'{"question": "2+2?", "answer": "#### 4"}\n'
+    )
+    with pytest.raises(D.DataError, match=r"q.jsonl:2: not valid UTF-8"):
+        D.load_questions(str(f))
+    res = D.load_questions(str(f), lenient=True)
+    assert [r["gold"] for r in res.rows] == ["2", "4"]
+    assert [(r["line"], r["reason"].split(" (")[0]) for r in res.rejects] == [(2, "not valid UTF-8")]
+    j = tmp_path / "q.json"
+    j.write_bytes(b'[\n{"question": "1+1?", "answer": "2"},\n{"question": "\xff", "answer": "3"}\n]\n')
+    with pytest.raises(D.DataError, match=r"q.json:3: not valid UTF-8"):
+        D.load_questions(str(j), lenient=True)  # a whole-file format: no row to reject, the file fails

@@ -12,7 +12,6 @@ import pytest
 
 from pipelines.evaluate import EvalInputError, check_dataset, run_evaluate, validate
 from tokenskip import artifacts
-from tokenskip import evaluation as ev
 from tokenskip.config import EvalConfig
 from tokenskip.prompt import BASELINE_PROMPTS
 
@@ -69,8 +68,15 @@ def test_ratio_outside_unit_interval(no_engine, tmp_path, ratio):
         run_evaluate(cfg)
 
 
-@pytest.mark.parametrize("name,match", [("gsm9k", "unknown dataset 'gsm9k'"), ("./missing.jsonl", "not found"),
-                                        ("/data/x/y.parquet", "not found"), ("a/b/c", "not found")])
+@pytest.mark.parametrize(
+    "name,match",
+    [
+        ("gsm9k", "unknown dataset 'gsm9k'"),
+        ("./missing.jsonl", "not found"),
+        ("/data/x/y.parquet", "not found"),
+        ("a/b/c", "not found"),
+    ],
+)
 def test_unknown_dataset(no_engine, tmp_path, name, match):
     with pytest.raises(EvalInputError, match=match):
         run_evaluate(EvalConfig(datasets=["gsm8k", name], output_dir=str(tmp_path / "out")))
@@ -115,14 +121,27 @@ def test_shipped_eval_configs_load():
 @pytest.fixture(scope="module")
 def tiny_run(tiny_llama, tiny_adapters, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "run"
-    cfg = EvalConfig(model=tiny_llama, adapter=tiny_adapters[0], datasets=["gsm8k"], limit=6, max_new_tokens=24,
-                     ratios=[1.0, 0.5], latency_samples=2, output_dir=str(out), placement="driver")
+    cfg = EvalConfig(
+        model=tiny_llama,
+        adapter=tiny_adapters[0],
+        datasets=["gsm8k"],
+        limit=6,
+        max_new_tokens=24,
+        ratios=[1.0, 0.5],
+        latency_samples=2,
+        output_dir=str(out),
+        placement="driver",
+    )
     manifest = run_evaluate(cfg)
     return cfg, manifest, out
 
 
 def _samples(out: Path, cond: str) -> list[dict]:
-    return [json.loads(l) for l in (out / "samples" / "gsm8k" / f"{cond}.jsonl").read_text().splitlines() if l.strip()]
+    return [
+        json.loads(line)
+        for line in (out / "samples" / "gsm8k" / f"{cond}.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
 
 
 @pytest.mark.integration
@@ -140,9 +159,17 @@ def test_outputs_exist(tiny_run):
             im.verify()
     results = json.loads((out / "results.json").read_text())
     ids = [r["id"] for r in results["datasets"]["gsm8k"]["conditions"]]
-    assert ids == (["original", "tokenskip-1.0", "tokenskip-0.5"] + [f"prompt-{n}" for n in BASELINE_PROMPTS] + ["truncation-0.5"])
+    assert ids == (
+        ["original", "tokenskip-1.0", "tokenskip-0.5"] + [f"prompt-{n}" for n in BASELINE_PROMPTS] + ["truncation-0.5"]
+    )
     table = (out / "table.md").read_text()
-    for label in ("| Original | - |", "| TokenSkip | 1.0 |", "| TokenSkip | 0.5 |", "| Prompt: concise | - |", "| Truncation | 0.5 |"):
+    for label in (
+        "| Original | - |",
+        "| TokenSkip | 1.0 |",
+        "| TokenSkip | 0.5 |",
+        "| Prompt: concise | - |",
+        "| Truncation | 0.5 |",
+    ):
         assert label in table
     assert "near zero" in table  # a random model solves nothing, and the caption says so
 
@@ -170,9 +197,15 @@ def test_figures_agree_with_samples(tiny_run, tiny_llama):
         else:
             assert r["latency_s"] is None
     # actual ratio: TokenSkip rows against TokenSkip γ=1.0, others against the original
-    assert rows["tokenskip-0.5"]["actual_ratio"] == pytest.approx(rows["tokenskip-0.5"]["mean_tokens"] / rows["tokenskip-1.0"]["mean_tokens"])
-    assert rows["truncation-0.5"]["actual_ratio"] == pytest.approx(rows["truncation-0.5"]["mean_tokens"] / rows["original"]["mean_tokens"])
-    assert rows["prompt-concise"]["actual_ratio"] == pytest.approx(rows["prompt-concise"]["mean_tokens"] / rows["original"]["mean_tokens"])
+    assert rows["tokenskip-0.5"]["actual_ratio"] == pytest.approx(
+        rows["tokenskip-0.5"]["mean_tokens"] / rows["tokenskip-1.0"]["mean_tokens"]
+    )
+    assert rows["truncation-0.5"]["actual_ratio"] == pytest.approx(
+        rows["truncation-0.5"]["mean_tokens"] / rows["original"]["mean_tokens"]
+    )
+    assert rows["prompt-concise"]["actual_ratio"] == pytest.approx(
+        rows["prompt-concise"]["mean_tokens"] / rows["original"]["mean_tokens"]
+    )
     # prompts: the γ marker only below 1, the adapter changes the outputs
     ts = _samples(out, "tokenskip-0.5")
     assert all(s["prompt"].count("<|eot_id|>0.5<|eot_id|>") == 1 for s in ts)
@@ -213,8 +246,18 @@ def test_runs_inside_a_ray_task(tiny_llama, ray_local, tmp_path):
     import os
 
     out = tmp_path / "ray-run"
-    cfg = EvalConfig(model=tiny_llama, datasets=["gsm8k"], limit=2, max_new_tokens=8, ratios=[0.5], baselines=[],
-                     latency_samples=1, output_dir=str(out), placement="ray", num_cpus=1)
+    cfg = EvalConfig(
+        model=tiny_llama,
+        datasets=["gsm8k"],
+        limit=2,
+        max_new_tokens=8,
+        ratios=[0.5],
+        baselines=[],
+        latency_samples=1,
+        output_dir=str(out),
+        placement="ray",
+        num_cpus=1,
+    )
     manifest = run_evaluate(cfg)
     assert manifest["host"] and (out / "manifest.json").is_file() and (out / "table.md").is_file()
     results = json.loads((out / "results.json").read_text())
@@ -222,3 +265,109 @@ def test_runs_inside_a_ray_task(tiny_llama, ray_local, tmp_path):
     assert [r["id"] for r in rows] == ["tokenskip-0.5"] and rows[0]["label"] == "TokenSkip (no adapter)"
     assert rows[0]["actual_ratio"] is None  # no γ = 1.0 and no original: nothing to divide by
     assert manifest["pid"] != os.getpid()  # the body ran in a worker process, not here
+
+
+# --------------------------------------------------------------------------- no deleting what is not ours (#15.7), fast
+
+
+def _fake_adapter(d: Path) -> Path:
+    d.mkdir(parents=True)
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    (d / "adapter_model.safetensors").write_bytes(b"weights")
+    return d
+
+
+@pytest.mark.parametrize("force", [True, False])
+def test_output_dir_holding_the_adapter_is_never_wiped(no_engine, tmp_path, force):
+    run = tmp_path / "runs" / "quickstart"
+    adapter = _fake_adapter(run / "train" / "adapter")
+    (run / "summary.json").write_text("{}")
+    cfg = EvalConfig(adapter=str(adapter), output_dir=str(run), limit=2)
+    with pytest.raises(artifacts.StageError, match="refusing to delete|not a evaluate directory"):
+        run_evaluate(cfg, force=force)
+    assert (adapter / "adapter_model.safetensors").read_bytes() == b"weights" and (run / "summary.json").is_file()
+
+
+def test_output_dir_dot_is_refused(no_engine, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(artifacts.StageError, match="working directory"):
+        run_evaluate(EvalConfig(output_dir=".", limit=2), force=True)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+# --------------------------------------------------------------------------- resume per condition (#15.10), fake engine
+
+
+@pytest.fixture
+def fake_engine(monkeypatch, tiny_llama):
+    """No vLLM: a tokenizer-backed fake engine whose outputs depend on the prompt; counts generations."""
+    from transformers import AutoTokenizer
+
+    import pipelines.evaluate as E
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    state = {"calls": [], "fail_at": None}
+
+    class FakeLLM:
+        def get_tokenizer(self):
+            return tok
+
+    def get(self, uses_adapter):
+        self.key, self.llm = "base", FakeLLM()
+        return self.llm, None
+
+    def generate(llm, prompts, max_tokens, seed, lora):
+        if max_tokens == 4:  # the warm-up
+            return [{"output": "2", "token_ids": [17], "finish_reason": "stop"} for _ in prompts]
+        state["calls"].append(len(prompts))
+        if state["fail_at"] is not None and len(state["calls"]) >= state["fail_at"]:
+            raise RuntimeError("engine crashed")
+        out = []
+        for p in prompts:
+            ids = tok(f"The answer is {len(p) % 7}.", add_special_tokens=False)["input_ids"][:max_tokens]
+            out.append({"output": tok.decode(ids), "token_ids": ids, "finish_reason": "stop"})
+        return out
+
+    monkeypatch.setattr(E._Engines, "get", get)
+    monkeypatch.setattr(E, "_generate", generate)
+    return state
+
+
+def test_restart_reuses_the_conditions_already_saved(fake_engine, tmp_path):
+    out = tmp_path / "eval"
+    cfg = EvalConfig(
+        model="smollm2-135m-instruct",
+        datasets=["gsm8k"],
+        limit=3,
+        max_new_tokens=12,
+        ratios=[1.0, 0.5],
+        baselines=["original", "prompt", "truncation"],
+        latency_samples=1,
+        output_dir=str(out),
+        placement="driver",
+    )
+    n_prompt = len(BASELINE_PROMPTS)
+    # generated in order: original, prompt-*, tokenskip-1.0 (= original's prompts: reused), tokenskip-0.5
+    fake_engine["fail_at"] = 4  # original's batch + latency, the first prompt baseline's batch, then a crash
+    with pytest.raises(RuntimeError, match="engine crashed"):
+        run_evaluate(cfg)
+    assert not artifacts.is_complete(out)
+    saved = sorted(p.name for p in (out / "samples" / "gsm8k").glob("*.meta.json"))
+    assert saved == ["original.meta.json"]
+    original = _samples(out, "original")
+    fake_engine["calls"].clear()
+    fake_engine["fail_at"] = None
+    manifest = run_evaluate(cfg)
+    # only tokenskip-0.5 and the prompt baselines were generated (a batch + 1 latency sample each)
+    assert fake_engine["calls"] == [3, 1] * (1 + n_prompt)
+    assert _samples(out, "original") == original
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["id"]: r for r in results["datasets"]["gsm8k"]["conditions"]}
+    assert rows["original"]["latency_samples"] == 1 and rows["original"]["throughput"]["batch_size"] == 3
+    assert rows["tokenskip-1.0"]["reused_from"] == "original" and rows["truncation-0.5"]["n"] == 3
+    assert manifest["stage"] == "evaluate"
+    # a restart with another limit keeps nothing that does not match (other question ids)
+    fake_engine["calls"].clear()
+    run_evaluate(dataclasses.replace(cfg, limit=2), force=True)
+    assert fake_engine["calls"] == [2, 1] * (2 + n_prompt)

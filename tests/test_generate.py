@@ -20,8 +20,13 @@ def _rows(df):
 
 
 def _questions_file(path: Path, n: int, extra: list | None = None) -> Path:
-    rows = [{"question": f"Tom has {i} apples and buys 2 more. How many apples does he have?",
-             "answer": f"{i}+2={i + 2}\n#### {i + 2}"} for i in range(n)]
+    rows = [
+        {
+            "question": f"Tom has {i} apples and buys 2 more. How many apples does he have?",
+            "answer": f"{i}+2={i + 2}\n#### {i + 2}",
+        }
+        for i in range(n)
+    ]
     rows += extra or []
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -48,16 +53,21 @@ def test_backend_choice():
 
 
 def test_prompt_udf_renders_and_rejects(tiny_llama):
-    from pipelines.generate import PromptUDF
-    from tokenskip import prompt
     from transformers import AutoTokenizer
 
+    from pipelines.generate import PromptUDF
+    from tokenskip import prompt
+
     udf = PromptUDF(tiny_llama, max_prompt_tokens=60)
-    out = udf(pd.DataFrame([
-        {"id": "a", "question": "What is 2+3?", "gold": "5", "kind": "gsm8k"},
-        {"id": "b", "question": "word " * 200, "gold": "1", "kind": "gsm8k"},
-        {"id": "c", "question": None, "gold": "1", "kind": "gsm8k"},
-    ]))
+    out = udf(
+        pd.DataFrame(
+            [
+                {"id": "a", "question": "What is 2+3?", "gold": "5", "kind": "gsm8k"},
+                {"id": "b", "question": "word " * 200, "gold": "1", "kind": "gsm8k"},
+                {"id": "c", "question": None, "gold": "1", "kind": "gsm8k"},
+            ]
+        )
+    )
     out = _rows(out)
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     assert out[0]["prompt"] == prompt.render_prompt(tok, "What is 2+3?") and not out[0]["error"]
@@ -78,30 +88,111 @@ def test_generate_udf_isolates_failing_rows():
         return [Completion(f"out:{p}", 3, 5, "stop") for p in prompts]
 
     udf._generate = fake
-    out = udf(pd.DataFrame([
-        {"id": "a", "prompt": "ok", "error": None},
-        {"id": "b", "prompt": "BAD", "error": None},
-        {"id": "c", "prompt": "skip", "error": "prompt too long: 9 > 5 tokens"},
-    ]))
+    out = udf(
+        pd.DataFrame(
+            [
+                {"id": "a", "prompt": "ok", "error": None},
+                {"id": "b", "prompt": "BAD", "error": None},
+                {"id": "c", "prompt": "skip", "error": "prompt too long: 9 > 5 tokens"},
+            ]
+        )
+    )
     out = _rows(out)
     assert out[0]["output"] == "out:ok" and out[0]["finish_reason"] == "stop"
-    assert out[1]["error"].startswith("generation error: RuntimeError: boom")
-    assert out[2]["output"] is None and out[2]["error"].startswith("prompt too long")
+    assert out[1]["error"].startswith("generation error: RuntimeError: boom") and out[1]["error_kind"] == "failure"
+    assert (
+        out[2]["output"] is None and out[2]["error"].startswith("prompt too long") and out[2]["error_kind"] == "input"
+    )
+
+
+def _udf(fake):
+    from pipelines.generate import VLLMGenerateUDF
+
+    udf = object.__new__(VLLMGenerateUDF)
+    udf._generate = fake
+    return udf
+
+
+def test_generate_udf_engine_failure_fails_instead_of_rejecting():
+    """#15.8: a dead engine, or every row failing on its own too, is not a pile of rejects."""
+    from pipelines.generate import EngineFailure
+    from tokenskip.engine import Completion
+
+    class EngineDeadError(RuntimeError):  # vLLM's class, by name
+        pass
+
+    def dead(prompts):
+        raise EngineDeadError("EngineCore died")
+
+    def all_fail(prompts):
+        raise RuntimeError("CUDA error: an illegal memory access")
+
+    def bad_input(prompts):
+        if any("LONG" in p for p in prompts):
+            raise ValueError("The decoder prompt (length 9000) is longer than the maximum model length")
+        return [Completion("ok", 1, 1, "stop") for _ in prompts]
+
+    batch = pd.DataFrame([{"id": "a", "prompt": "x", "error": None}, {"id": "b", "prompt": "y", "error": None}])
+    with pytest.raises(EngineFailure, match="engine died"):
+        _udf(dead)(batch)
+    with pytest.raises(EngineFailure, match="every one of 2 rows failed"):
+        _udf(all_fail)(batch)
+    out = _rows(
+        _udf(bad_input)(
+            pd.DataFrame([{"id": "a", "prompt": "x", "error": None}, {"id": "b", "prompt": "LONG", "error": None}])
+        )
+    )
+    assert out[0]["output"] == "ok" and out[1]["error_kind"] == "input" and "longer than" in out[1]["error"]
 
 
 def test_finish_udf_grades_and_counts(tiny_llama):
-    from pipelines.generate import FinishUDF
     from transformers import AutoTokenizer
 
+    from pipelines.generate import FinishUDF
+
     udf = FinishUDF(tiny_llama)
-    out = udf(pd.DataFrame([
-        {"id": "a", "question": "q", "gold": "5", "kind": "gsm8k", "prompt": "p", "prompt_tokens": 1,
-         "output": "2+3=5. The answer is \\boxed{5}.", "output_tokens": 12, "finish_reason": "stop", "error": None},
-        {"id": "b", "question": "q", "gold": "5", "kind": "gsm8k", "prompt": "p", "prompt_tokens": 1,
-         "output": "It is 4.", "output_tokens": 4, "finish_reason": "stop", "error": None},
-        {"id": "c", "question": "q", "gold": "5", "kind": "gsm8k", "prompt": "p", "prompt_tokens": 1,
-         "output": None, "output_tokens": None, "finish_reason": None, "error": None},
-    ]))
+    out = udf(
+        pd.DataFrame(
+            [
+                {
+                    "id": "a",
+                    "question": "q",
+                    "gold": "5",
+                    "kind": "gsm8k",
+                    "prompt": "p",
+                    "prompt_tokens": 1,
+                    "output": "2+3=5. The answer is \\boxed{5}.",
+                    "output_tokens": 12,
+                    "finish_reason": "stop",
+                    "error": None,
+                },
+                {
+                    "id": "b",
+                    "question": "q",
+                    "gold": "5",
+                    "kind": "gsm8k",
+                    "prompt": "p",
+                    "prompt_tokens": 1,
+                    "output": "It is 4.",
+                    "output_tokens": 4,
+                    "finish_reason": "stop",
+                    "error": None,
+                },
+                {
+                    "id": "c",
+                    "question": "q",
+                    "gold": "5",
+                    "kind": "gsm8k",
+                    "prompt": "p",
+                    "prompt_tokens": 1,
+                    "output": None,
+                    "output_tokens": None,
+                    "finish_reason": None,
+                    "error": None,
+                },
+            ]
+        )
+    )
     out = _rows(out)
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     assert out[0]["correct"] and out[0]["extracted"] == "5" and out[0]["cot"] == out[0]["output"]
@@ -125,9 +216,17 @@ def test_run_generate_on_ray(tmp_path, tiny_llama, ray_local):
     long_q = {"question": "apples " * 400 + "?", "answer": "#### 1"}
     src = _questions_file(tmp_path / "q.jsonl", 10, extra=[long_q, {"answer": "#### 3"}])
     out = tmp_path / "gen"
-    cfg = GenerateConfig(model=tiny_llama, data=DataSourceConfig(name=str(src), kind="gsm8k"), output_dir=str(out),
-                         max_new_tokens=16, batch_size=4, shard_rows=4, backend="ray_data_llm", num_cpus=1,
-                         max_prompt_tokens=256)
+    cfg = GenerateConfig(
+        model=tiny_llama,
+        data=DataSourceConfig(name=str(src), kind="gsm8k"),
+        output_dir=str(out),
+        max_new_tokens=16,
+        batch_size=4,
+        shard_rows=4,
+        backend="ray_data_llm",
+        num_cpus=1,
+        max_prompt_tokens=256,
+    )
     m = run_generate(cfg)
     rows = artifacts.read_rows(out)
     rejects = artifacts.read_rows(out / "rejects.jsonl")
@@ -143,3 +242,137 @@ def test_run_generate_on_ray(tmp_path, tiny_llama, ray_local):
     before = (out / "manifest.json").stat().st_mtime_ns
     assert run_generate(cfg)["finished_at"] == m["finished_at"]
     assert (out / "manifest.json").stat().st_mtime_ns == before
+
+
+# --------------------------------------------------------------------------- run_generate without Ray (fake engine)
+
+
+class _FakeDataset:
+    """Stands in for the Ray Data pipeline: rows through PromptUDF-like checks and a fake engine."""
+
+    def __init__(self, questions, behave, calls):
+        self.questions, self.behave, self.calls = questions, behave, calls
+
+    def iter_batches(self, batch_size, batch_format):
+        import pyarrow as pa
+
+        from pipelines.generate import OUTPUT_COLUMNS
+
+        for i in range(0, len(self.questions), batch_size):
+            rows = []
+            for q in self.questions[i : i + batch_size]:
+                self.calls.append(q["id"])
+                what = self.behave(q["id"])
+                if what == "crash":
+                    from pipelines.generate import EngineFailure
+
+                    raise EngineFailure("the vLLM engine died: EngineDeadError")
+                r = {k: None for k in OUTPUT_COLUMNS}
+                r.update(id=q["id"], question=q["question"], gold=q["gold"], kind="gsm8k", error=None, error_kind=None)
+                if what == "ok":
+                    r.update(
+                        prompt="p",
+                        prompt_tokens=3,
+                        output="The answer is 4.",
+                        extracted="4",
+                        correct=True,
+                        cot="c",
+                        cot_tokens=5,
+                        output_tokens=6,
+                        finish_reason="stop",
+                    )
+                else:
+                    r.update(
+                        error=f"generation error: RuntimeError: {what}"
+                        if what != "input"
+                        else "prompt too long: 9 > 5",
+                        error_kind="failure" if what != "input" else "input",
+                    )
+                rows.append(r)
+            yield pa.Table.from_pylist(rows)
+
+
+@pytest.fixture
+def fake_engine(monkeypatch):
+    import pipelines.generate as G
+
+    state = {"behave": lambda rid: "ok", "calls": []}
+    monkeypatch.setattr(
+        G, "build_dataset", lambda todo, cfg, backend: _FakeDataset(todo, state["behave"], state["calls"])
+    )
+    monkeypatch.setattr(G, "resolve_backend", lambda cfg: "fake")
+    return state
+
+
+def _gen_cfg(tmp_path, n=6, **kw):
+    src = _questions_file(tmp_path / "q.jsonl", n)
+    return GenerateConfig(
+        model="m",
+        data=DataSourceConfig(name=str(src), kind="gsm8k"),
+        output_dir=str(tmp_path / "gen"),
+        max_new_tokens=16,
+        max_prompt_tokens=100,
+        shard_rows=2,
+        **kw,
+    )
+
+
+def test_engine_failure_fails_the_stage_and_resume_retries_failures(tmp_path, fake_engine):
+    """#15.8: an engine failure fails the stage (no manifest; committed parts kept); failed rows are
+    rejects of kind failure that the next run retries; rows rejected for their input are final."""
+    from pipelines.generate import EngineFailure, run_generate
+
+    cfg = _gen_cfg(tmp_path)
+    fake_engine["behave"] = {"q-0": "ok", "q-1": "input", "q-2": "ok", "q-3": "timeout", "q-4": "crash"}.get
+    with pytest.raises(EngineFailure):
+        run_generate(cfg)
+    assert not artifacts.is_complete(cfg.output_dir)
+    fake_engine["calls"].clear()
+    fake_engine["behave"] = lambda rid: "ok"
+    m = run_generate(cfg)
+    assert sorted(fake_engine["calls"]) == ["q-3", "q-4", "q-5"]  # the failure retried, the input reject not
+    rejects = artifacts.read_rows(Path(cfg.output_dir) / "rejects.jsonl")
+    assert [(r["id"], r["reason_kind"]) for r in rejects] == [("q-1", "input")]
+    assert m["counts"]["generated"] == 5 and m["counts"]["rejected"] == 1 and m["counts"]["rejected_failure"] == 0
+
+
+def test_reject_share_over_the_limit_fails_the_stage(tmp_path, fake_engine):
+    from pipelines.generate import run_generate
+
+    cfg = _gen_cfg(tmp_path)
+    fake_engine["behave"] = lambda rid: "ok" if rid in ("q-0", "q-1") else "timeout"
+    with pytest.raises(artifacts.StageError, match=r"4 of 6 rows rejected \(67% > max_reject_share 0.5\)"):
+        run_generate(cfg)
+    assert not artifacts.is_complete(cfg.output_dir)
+    fake_engine["calls"].clear()
+    cfg.max_reject_share = 1.0  # operational: may change on a resume
+    m = run_generate(cfg)
+    assert sorted(fake_engine["calls"]) == ["q-2", "q-3", "q-4", "q-5"]  # failures retried
+    assert m["counts"]["rejected_failure"] == 4 and m["counts"]["generated"] == 2
+
+
+def test_dataset_with_no_rows_fails_generate(tmp_path, fake_engine):
+    from pipelines.generate import run_generate
+
+    src = tmp_path / "empty.jsonl"
+    src.write_text('{"question": "no gold"}\n')
+    cfg = GenerateConfig(
+        model="m", data=DataSourceConfig(name=str(src)), output_dir=str(tmp_path / "gen"), max_prompt_tokens=9
+    )
+    with pytest.raises(artifacts.StageError, match=r"empty.jsonl.*0 rows \(1 unreadable rows\)"):
+        run_generate(cfg)
+
+
+def test_force_into_the_run_dir_is_refused(tmp_path, fake_engine):
+    """#15.7: generate --force with output_dir=<run dir> deletes nothing."""
+    from pipelines.generate import run_generate
+
+    cfg = _gen_cfg(tmp_path)
+    run_generate(cfg)
+    (tmp_path / "summary.json").write_text("{}")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    cfg.output_dir = str(tmp_path)
+    with pytest.raises(artifacts.StageError, match="refusing"):
+        run_generate(cfg, force=True)
+    after = sorted(p.name for p in tmp_path.iterdir() if p.name != artifacts.LOCK)
+    assert after == before and artifacts.is_complete(tmp_path / "gen")

@@ -26,6 +26,7 @@ from tokenskip.grading import (
     extract_answer,
     extract_gold,
     grade,
+    grade_many,
     is_equiv,
     last_boxed,
     normalize_answer,
@@ -337,7 +338,8 @@ def test_sympy_fallback_is_thread_safe():
     """Graders run inside Ray/Serve worker threads: no signal.alarm, no main-thread need."""
     from concurrent.futures import ThreadPoolExecutor
 
-    pairs = [(r"\frac{\sqrt{3}}{2}", r"\frac{1}{2}\sqrt{3}", True), ("x^2-1", "(x-1)(x+1)", True), ("x^2", "x^3", False)]
+    pairs = [(r"\frac{\sqrt{3}}{2}", r"\frac{1}{2}\sqrt{3}", True), ("x^2-1", "(x-1)(x+1)", True),
+             ("x^2", "x^3", False)]
     with ThreadPoolExecutor(4) as ex:
         res = list(ex.map(lambda p: is_equiv(p[0], p[1], "math") is p[2], pairs * 8))
     assert all(res)
@@ -584,9 +586,11 @@ def test_math_full_test_set_real():
     rows = _read_jsonl(_data_dir() / "math" / "test.jsonl")
     golds = [extract_gold(r["solution"], "math") for r in rows]
     assert all(golds)
-    twin_fail = [
-        g for g in golds if not grade(f"The final answer is $\\boxed{{{g.replace(chr(92) + 'frac', chr(92) + 'dfrac')}}}$.", g, "math").correct
-    ]
+
+    def twin(g: str) -> str:
+        return f"The final answer is $\\boxed{{{g.replace(chr(92) + 'frac', chr(92) + 'dfrac')}}}$."
+
+    twin_fail = [g for g in golds if not grade(twin(g), g, "math").correct]
     total = 0
     wrong_fail = []
     for i, g in enumerate(golds):
@@ -599,3 +603,158 @@ def test_math_full_test_set_real():
     print(f"\nMATH test (5000): twins failed {len(twin_fail)}, wrong detected {total - len(wrong_fail)}/{total}")
     assert twin_fail == []
     assert len(wrong_fail) <= 0.005 * total
+
+
+# --------------------------------------------------------------------------------------
+# Math-Verify backend (grader: math_verify / both), in worker processes
+# --------------------------------------------------------------------------------------
+
+MV_CASES = [
+    ("The answer is 18.", "18", "gsm8k"),
+    ("So she pays $\\boxed{1,000}$ in total.", "1000", "gsm8k"),
+    ("The answer is 17.", "18", "gsm8k"),
+    ("16 - 3 - 4 = 9 eggs, 9 * 2 = 18\n#### 18", "18", "gsm8k"),
+    (r"Therefore $\boxed{\dfrac{3}{4}}$.", "0.75", "math"),
+    (r"Therefore $\boxed{\frac{3}{5}}$.", r"\frac34", "math"),
+    (r"so $x \in \boxed{[0, \infty)}$", r"[0,\infty)", "math"),
+    (r"\boxed{\left( 3, \frac{\pi}{2} \right)}", r"\left( 3, \frac{\pi}{2} \right)", "math"),
+    (r"\boxed{x^2+2x+1}", "(x+1)^2", "math"),
+    (r"\boxed{\{1,2\}}", r"\{2,1\}", "math"),
+    ("no answer here", "5", "math"),
+    (None, "5", "math"),
+    ("5", None, "gsm8k"),
+]
+
+
+def _main_thread_reference():
+    """Math-Verify called directly in the main thread, where its signal.alarm limits work."""
+    import threading
+
+    assert threading.current_thread() is threading.main_thread()
+    return [grading._mv_grade_here(o, g, d, 2) for o, g, d in MV_CASES]
+
+
+@pytest.fixture(scope="module")
+def mv_pool():
+    with grading.MathVerifyPool(workers=2, timeout_s=5) as pool:
+        yield pool
+
+
+def test_math_verify_pool_matches_main_thread(mv_pool):
+    ref = _main_thread_reference()
+    assert [c for _, c in ref] == [True, True, False, True, True, False, True, True, True, True, False, False, False]
+    assert [(g.extracted, g.correct) for g in mv_pool.grade_many(MV_CASES)] == ref
+
+
+def test_math_verify_in_threads_matches_main_thread(mv_pool):
+    """Direct Math-Verify in a worker thread is refused (signal.alarm); through the pool it
+    grades there exactly as in the main thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from math_verify import parse
+
+    ref = _main_thread_reference()
+    with ThreadPoolExecutor(4) as ex:
+        with pytest.raises(ValueError, match="thread"):
+            ex.submit(parse, "$1$", parsing_timeout=1).result()
+        per_call = list(ex.map(lambda c: grade(c[0], c[1], c[2], grader="math_verify"), MV_CASES))
+        batches = [f.result() for f in [ex.submit(mv_pool.grade_many, MV_CASES) for _ in range(3)]]
+    assert [(g.extracted, g.correct) for g in per_call] == ref
+    for b in batches:
+        assert [(g.extracted, g.correct) for g in b] == ref
+
+
+@pytest.mark.integration
+def test_math_verify_inside_ray_actor_matches_main_thread(ray_local):
+    ray = ray_local
+    ref = _main_thread_reference()
+
+    @ray.remote(num_cpus=0)
+    class Grader:
+        def grade(self, cases):
+            from tokenskip.grading import grade_many
+
+            out = []
+            for d in ("gsm8k", "math"):
+                idx = [i for i, c in enumerate(cases) if c[2] == d]
+                graded = grade_many([cases[i][0] for i in idx], [cases[i][1] for i in idx], d, "math_verify")
+                out += list(zip(idx, graded))
+            return [(g.extracted, g.correct) for _, g in sorted(out, key=lambda t: t[0])]
+
+    actor = Grader.remote()
+    try:
+        assert ray.get(actor.grade.remote(MV_CASES), timeout=120) == ref
+    finally:
+        ray.kill(actor)
+
+
+def test_math_verify_pathological_input_returns_within_the_limit():
+    with grading.MathVerifyPool(workers=1, timeout_s=2) as pool:
+        pool.grade_many([("1", "1", "math")])  # worker started
+        t0 = time.perf_counter()
+        res = pool.grade_many([(r"so $\boxed{9^{9^{9^{9}}}}$", r"9^{9^{9^{9}}}+1", "math"),
+                               (r"\boxed{(9^{9^{9}})!}", "1", "math")])
+        assert time.perf_counter() - t0 < 2 * 2 + 1.5
+        assert [g.correct for g in res] == [False, False]
+        assert pool.grade_many([("The answer is 3.", "3", "gsm8k")])[0].correct  # the pool still works
+
+
+def test_math_verify_hard_limit_kills_a_stuck_worker(tmp_path):
+    """A call that no signal can interrupt (here: a worker that never answers) is killed by
+    PID at the limit, graded incorrect, and its worker replaced; the batch still finishes."""
+    stuck = tmp_path / "python"
+    stuck.write_text("#!/bin/sh\necho ready\nexec sleep 600\n")
+    stuck.chmod(0o755)
+    pool = grading.MathVerifyPool(workers=1, timeout_s=1, python=str(stuck))
+    try:
+        t0 = time.perf_counter()
+        res = pool.grade_many([("The answer is 3.", "3", "gsm8k"), ("4", "4", "gsm8k")])
+        elapsed = time.perf_counter() - t0
+        pids = [w.proc.pid for w in pool._pool]
+    finally:
+        pool.close()
+    assert [g.correct for g in res] == [False, False]
+    assert pool.timeouts == 2
+    assert elapsed < 10
+    for pid in pids:  # closed workers are gone, not left sleeping
+        with pytest.raises(ProcessLookupError):
+            import os
+
+            os.kill(pid, 0)
+
+
+def test_math_verify_worker_that_cannot_start_is_a_clear_error(tmp_path):
+    broken = tmp_path / "python"
+    broken.write_text("#!/bin/sh\nexit 3\n")
+    broken.chmod(0o755)
+    with grading.MathVerifyPool(workers=1, python=str(broken)) as pool:
+        with pytest.raises(RuntimeError, match="math-verify"):
+            pool.grade_many([("1", "1", "gsm8k")])
+
+
+def test_grader_both_and_disagreements():
+    out = "The answer is: 32 / 96 * 100% = 33.333...%, which rounds down to 33%\n#### 33"
+    res = grade_many([out, "The answer is 18.", "The answer is 17."], ["33", "18", "18"], "gsm8k", grader="both")
+    ours = grade_many([out, "The answer is 18.", "The answer is 17."], ["33", "18", "18"], "gsm8k")
+    assert [g.correct for g in ours] == [True, True, False]
+    assert [g.verdicts["ours"] for g in res] == [True, True, False]
+    mv = [g.verdicts["math_verify"] for g in res]
+    assert [g.correct for g in res] == [o.correct and m for o, m in zip(ours, mv)]
+    rows = [{"id": i, "extracted": g.extracted, "grader_verdicts": g.verdicts} for i, g in enumerate(res)]
+    listed = grading.disagreements(rows)["grader_disagreements"]
+    differ = [i for i, g in enumerate(res) if g.verdicts["ours"] != g.verdicts["math_verify"]]
+    assert [r["id"] for r in listed] == differ
+    with pytest.raises(ValueError, match="grader"):
+        grade_many(["1"], ["1"], "gsm8k", grader="mv")
+
+
+def test_gsm8k_1319_outputs_under_2s(gsm8k_rows):
+    """The issue's budget: the default grader on 1,319 GSM8K chains of thought < 2 s."""
+    outputs = [re.sub(r"<<[^>]*>>", "", r["answer"]) for r in gsm8k_rows]
+    golds = [extract_gold(r["answer"], "gsm8k") for r in gsm8k_rows]
+    _clear_caches()
+    t0 = time.perf_counter()
+    res = grade_many(outputs, golds, "gsm8k")
+    elapsed = time.perf_counter() - t0
+    assert sum(g.correct for g in res) == len(golds) == 1319
+    assert elapsed < 2, f"{elapsed:.2f} s"

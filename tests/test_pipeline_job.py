@@ -14,26 +14,52 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tokenskip.engine import CPU_ENV_KEYS
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 pytestmark = pytest.mark.integration
 
+# ray job submit's own lines (~35 with its packaging notes), six stages with a start, a done
+# and a progress line or two each, and the final summary with the evaluation table (~25).
+CONSOLE_LINE_BUDGET = 100
+
 
 def tiny_pipeline_config(run_dir: Path, model: str) -> dict:
     """The quickstart's shape at toy size (a smaller version of configs/quickstart.yaml)."""
     return {
-        "kind": "pipeline", "name": "tiny", "run_dir": str(run_dir), "model": model,
+        "kind": "pipeline",
+        "name": "tiny",
+        "run_dir": str(run_dir),
+        "model": model,
         "stages": ["generate", "prune", "build_sft", "train", "evaluate"],
         "ray": {"num_cpus": 4},
         "generate": {"data": {"name": "gsm8k", "split": "train", "limit": 4}, "max_new_tokens": 16, "shard_rows": 2},
         "prune": {"scorer": "self_info", "scorer_model": model, "target_tokenizer": model},
-        "build_sft": {"data": {"name": "gsm8k", "split": "train", "limit": 24}, "cot_source": "gold",
-                      "val_fraction": 0.1, "target_tokenizer": model},
-        "train": {"max_steps": 3, "micro_batch_size": 2, "global_batch_size": 4, "cutoff_len": 384,
-                  "learning_rate": 1e-3, "checkpoint_every": 2, "scaling": {"num_workers": 1, "use_gpu": False}},
-        "evaluate": {"datasets": ["gsm8k"], "limit": 3, "max_new_tokens": 16, "ratios": [1.0, 0.5],
-                     "baselines": ["original", "truncation"], "latency_samples": 1},
+        "build_sft": {
+            "data": {"name": "gsm8k", "split": "train", "limit": 24},
+            "cot_source": "gold",
+            "val_fraction": 0.1,
+            "target_tokenizer": model,
+        },
+        "train": {
+            "max_steps": 3,
+            "micro_batch_size": 2,
+            "global_batch_size": 4,
+            "cutoff_len": 384,
+            "learning_rate": 1e-3,
+            "checkpoint_every": 2,
+            "scaling": {"num_workers": 1, "use_gpu": False},
+        },
+        "evaluate": {
+            "datasets": ["gsm8k"],
+            "limit": 3,
+            "max_new_tokens": 16,
+            "ratios": [1.0, 0.5],
+            "baselines": ["original", "truncation"],
+            "latency_samples": 1,
+        },
     }
 
 
@@ -42,14 +68,39 @@ def test_ray_job_submit_runs_pipeline(ray_head, tmp_path, tiny_llama):
     run_dir = tmp_path / "run"
     cfg_path = tmp_path / "tiny.yaml"
     cfg_path.write_text(yaml.safe_dump(tiny_pipeline_config(run_dir, tiny_llama)))
-    runtime_env = {"excludes": [".venv/", ".cache/", "runs/", ".git/", "*.egg-info/"],
-                   "env_vars": {k: env[k] for k in ("TOKENSKIP_HOME", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE",
-                                                    "TRANSFORMERS_OFFLINE", "VLLM_CPU_KVCACHE_SPACE") if k in env}}
+    runtime_env = {
+        "excludes": [".venv/", ".cache/", "runs/", ".git/", "*.egg-info/"],
+        "env_vars": {
+            k: env[k]
+            for k in ("TOKENSKIP_HOME", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", *CPU_ENV_KEYS)
+            if k in env
+        },
+    }
     t0 = time.time()
-    r = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
-                        "--runtime-env-json", json.dumps(runtime_env), "--",
-                        "python", "-m", "ray_jobs.pipeline", "--config", str(cfg_path)],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--working-dir",
+            str(ROOT),
+            "--runtime-env-json",
+            json.dumps(runtime_env),
+            "--",
+            "python",
+            "-m",
+            "ray_jobs.pipeline",
+            "--config",
+            str(cfg_path),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     took = time.time() - t0
     out = r.stdout + r.stderr
     assert r.returncode == 0 and "succeeded" in out, out[-6000:]
@@ -62,11 +113,31 @@ def test_ray_job_submit_runs_pipeline(ray_head, tmp_path, tiny_llama):
     assert "serve" in summary["serve_command"] and summary["adapter"].endswith("adapter")
     assert "| Method" in out or "Method" in out  # the table is printed at the end of the job log
 
+    # Issue 19: the job log (a non-TTY console) tells the story in a few lines; vLLM, Ray
+    # Data and Ray Train output is in <run_dir>/logs/<stage>.log, each named on the console.
+    lines = out.splitlines()
+    print(f"console lines: {len(lines)}")
+    assert len(lines) <= CONSOLE_LINE_BUDGET, out
+    logs = run_dir / "logs"
+    for i, stage in enumerate(("generate", "cots", "prune", "build_sft", "train", "evaluate"), 1):
+        assert any(ln.startswith(f"[{i}/6] {stage}: ") and str(logs / f"{stage}.log") in ln for ln in lines), stage
+        assert any(ln.startswith(f"[{i}/6] {stage} done in ") for ln in lines), stage
+    assert "vllm" in (logs / "generate.log").read_text().lower()
+    assert "Started a local Ray" not in out and "logging_progress" not in out and "Queued blocks" not in out
+    assert not [ln for ln in lines if "vllm" in ln.lower() and ("INFO" in ln or "WARNING" in ln)], out
+    train_log = (logs / "train.log").read_text()
+    assert "RayTrainWorker" in train_log or "TorchTrainer" in train_log or "tokenskip.train" in train_log
+
     # A re-run (same cluster, same run_dir) finds every manifest and recomputes nothing.
     before = {s: (run_dir / s / "manifest.json").stat().st_mtime for s in ("generate", "prune", "train", "evaluate")}
-    r2 = subprocess.run([str(BIN / "python"), "-m", "ray_jobs.pipeline", "--config", str(cfg_path)],
-                        cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=600)
+    r2 = subprocess.run(
+        [str(BIN / "python"), "-m", "ray_jobs.pipeline", "--config", str(cfg_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r2.returncode == 0, (r2.stdout + r2.stderr)[-4000:]
     after = {s: (run_dir / s / "manifest.json").stat().st_mtime for s in before}
     assert before == after

@@ -34,9 +34,12 @@ def test_chat_template_rendering(smollm2):
     marked = P.render_prompt(tok, "What is 2+3?", 0.5)
     assert plain != marked and "<|eot_id|>0.5<|eot_id|>" in marked
     assert marked.startswith("<|im_start|>system") and marked.endswith("<|im_start|>assistant\n")
-    prompt, completion = P.render_training_pair(tok, "What is 2+3?", 0.5, "2+3=5", "5")
+    user, target = P.user_content("What is 2+3?", 0.5), P.build_target("2+3=5", "5")
+    prompt, completion = P.render_user_completion(tok, user, target)
     assert prompt == marked
-    assert completion.startswith("2+3=5\n\nThe final answer is: $\\boxed{5}$") and completion.rstrip().endswith("<|im_end|>")
+    assert completion.startswith("2+3=5\n\nThe final answer is: $\\boxed{5}$") and completion.rstrip().endswith(
+        "<|im_end|>"
+    )
 
 
 def test_baseline_prompts_are_the_four_from_the_paper():

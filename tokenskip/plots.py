@@ -18,7 +18,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-_STYLE = {"original": ("black", "*"), "tokenskip": ("tab:blue", "o"), "prompt": ("tab:green", "s"), "truncation": ("tab:red", "v")}
+_STYLE = {
+    "original": ("black", "*"),
+    "tokenskip": ("tab:blue", "o"),
+    "prompt": ("tab:green", "s"),
+    "truncation": ("tab:red", "v"),
+}
 
 
 def _panels(n: int):
@@ -36,31 +41,60 @@ def _acc(r: dict) -> float | None:
     return None if r.get("accuracy") is None else 100.0 * r["accuracy"]
 
 
+def _cot(r: dict) -> float | None:
+    return r.get("mean_cot_tokens", r.get("mean_tokens"))
+
+
 def accuracy_vs_tokens(results: dict, path: str | os.PathLike) -> str:
     datasets = results["datasets"]
     fig, axes = _panels(len(datasets))
     for ax, (name, ds) in zip(axes, datasets.items()):
-        rows = [r for r in ds["conditions"] if r.get("mean_tokens") is not None and _acc(r) is not None]
+        rows = [r for r in ds["conditions"] if _cot(r) is not None and _acc(r) is not None]
         for method in ("tokenskip", "truncation"):
             series = sorted((r for r in rows if r["method"] == method), key=lambda r: -r["ratio"])
             if not series:
                 continue
             color, marker = _STYLE[method]
             label = series[0]["label"]
-            ax.plot([r["mean_tokens"] for r in series], [_acc(r) for r in series], marker=marker, color=color,
-                    label=label, linestyle="-" if method == "tokenskip" else "--")
+            ax.plot(
+                [_cot(r) for r in series],
+                [_acc(r) for r in series],
+                marker=marker,
+                color=color,
+                label=label,
+                linestyle="-" if method == "tokenskip" else "--",
+            )
             for r in series:
-                ax.annotate(f"γ={r['ratio']:g}", (r["mean_tokens"], _acc(r)), textcoords="offset points",
-                            xytext=(4, 4), fontsize=7, color=color)
+                ax.annotate(
+                    f"γ={r['ratio']:g}",
+                    (_cot(r), _acc(r)),
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                    fontsize=7,
+                    color=color,
+                )
         for r in rows:
             if r["method"] in ("original", "prompt"):
                 color, marker = _STYLE[r["method"]]
-                ax.scatter([r["mean_tokens"]], [_acc(r)], color=color, marker=marker, s=80 if marker == "*" else 40,
-                           label=r["label"], zorder=3)
+                ax.scatter(
+                    [_cot(r)],
+                    [_acc(r)],
+                    color=color,
+                    marker=marker,
+                    s=80 if marker == "*" else 40,
+                    label=r["label"],
+                    zorder=3,
+                )
                 if r["method"] == "prompt":
-                    ax.annotate(r.get("prompt_name") or r["label"], (r["mean_tokens"], _acc(r)), textcoords="offset points",
-                                xytext=(4, -10), fontsize=7, color=color)
-        ax.set_xlabel("mean CoT tokens")
+                    ax.annotate(
+                        r.get("prompt_name") or r["label"],
+                        (_cot(r), _acc(r)),
+                        textcoords="offset points",
+                        xytext=(4, -10),
+                        fontsize=7,
+                        color=color,
+                    )
+        ax.set_xlabel("mean CoT tokens (before the answer sentence)")
         ax.set_ylabel("accuracy (%)")
         ax.set_title(f"{name} (n = {ds['n']})")
         ax.grid(alpha=0.3)
@@ -84,15 +118,45 @@ def ratio_adherence(results: dict, path: str | os.PathLike) -> str:
     for ax, (name, ds) in zip(axes, datasets.items()):
         ax.plot([0, 1.05], [0, 1.05], color="grey", linestyle=":", label="actual = requested")
         for method in ("tokenskip", "truncation"):
-            series = sorted((r for r in ds["conditions"] if r["method"] == method and r.get("actual_ratio") is not None),
-                            key=lambda r: r["ratio"])
+            series = sorted(
+                (r for r in ds["conditions"] if r["method"] == method and r.get("actual_ratio") is not None),
+                key=lambda r: r["ratio"],
+            )
             if not series:
                 continue
             color, marker = _STYLE[method]
-            ax.plot([r["ratio"] for r in series], [r["actual_ratio"] for r in series], marker=marker, color=color,
-                    label=series[0]["label"])
+            ax.plot(
+                [r["ratio"] for r in series],
+                [r["actual_ratio"] for r in series],
+                marker=marker,
+                color=color,
+                label=series[0]["label"],
+            )
+            ci = [(r["ratio"], r["actual_ratio"], r.get("actual_ratio_ci")) for r in series if r.get("actual_ratio_ci")]
+            if ci:  # 95 % bootstrap intervals over questions
+                lo = [c[1] - c[2][0] for c in ci]
+                hi = [c[2][1] - c[1] for c in ci]
+                ax.errorbar(
+                    [c[0] for c in ci],
+                    [c[1] for c in ci],
+                    yerr=[lo, hi],
+                    fmt="none",
+                    ecolor=color,
+                    alpha=0.6,
+                    capsize=3,
+                )
+            for r in series:
+                if r.get("flags"):
+                    ax.annotate(
+                        "⚠ " + ",".join(r["flags"]),
+                        (r["ratio"], r["actual_ratio"]),
+                        textcoords="offset points",
+                        xytext=(4, -10),
+                        fontsize=7,
+                        color=color,
+                    )
         ax.set_xlabel("requested ratio γ")
-        ax.set_ylabel("actual ratio (mean tokens / mean tokens at γ = 1)")
+        ax.set_ylabel("actual ratio (mean CoT tokens / mean CoT tokens at γ = 1)")
         ax.set_title(f"{name} (n = {ds['n']})")
         ax.set_xlim(0, 1.05)
         ax.grid(alpha=0.3)

@@ -1,7 +1,7 @@
 """The one place that knows the TokenSkip prompt format.
 
 Training data, evaluation and serving all call these functions, so the γ marker is
-placed identically everywhere (SPEC §3-4):
+placed identically everywhere (docs/method.md §3-4):
 
 * user turn, γ < 1: ``{INSTRUCTION}\\n{question}{SEPARATOR}{γ}{SEPARATOR}``
 * user turn, γ = 1 (or no γ): ``{INSTRUCTION}\\n{question}`` (no marker)
@@ -24,11 +24,16 @@ from __future__ import annotations
 import re
 from typing import Any, Sequence
 
+from tokenskip import gamma
+
+# Bump when the prompt layout below changes: adapter cards record it, and an adapter
+# trained with another layout is refused rather than prompted wrongly.
+FORMAT_VERSION = 1
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 SEPARATOR = "<|eot_id|>"
 ANSWER_PREFIX = "The final answer is: "
 
-# Prompt-based compression baselines (SPEC §4), keyed by a short name.
+# Prompt-based compression baselines (docs/method.md §4), keyed by a short name.
 BASELINE_PROMPTS: dict[str, str] = {
     "concise": "Be concise.",
     "numbers_only": "Only use numbers or equations.",
@@ -40,25 +45,33 @@ _MARKER_RE = re.compile(re.escape(SEPARATOR) + r"\s*([0-9]*\.?[0-9]+)\s*" + re.e
 
 
 def format_ratio(ratio: float) -> str:
-    """γ as it appears in the marker: the shortest decimal (``0.5``, ``0.75``).
+    """γ as it appears in the marker: its :func:`tokenskip.gamma.key` (``0.5``, ``0.75``).
 
     >>> format_ratio(0.5), format_ratio(0.70000001), format_ratio(1)
     ('0.5', '0.7', '1.0')
     """
-    from tokenskip.config import check_ratio
-
-    r = round(check_ratio(ratio), 4)
-    text = f"{r:.4f}".rstrip("0")
-    return text + "0" if text.endswith(".") else text
+    return gamma.key(ratio)
 
 
 def has_marker(ratio: float | None) -> bool:
     """Whether a γ gets a marker (only γ < 1 does)."""
     if ratio is None:
         return False
-    from tokenskip.config import check_ratio
+    return gamma.canonical(ratio) < 1.0
 
-    return check_ratio(ratio) < 1.0
+
+def format_spec() -> dict:
+    """What an adapter card records about the prompt format it was trained with.
+
+    >>> format_spec()["marker"]
+    '{question}<|eot_id|>{ratio}<|eot_id|>'
+    """
+    return {
+        "format_version": FORMAT_VERSION,
+        "separator": SEPARATOR,
+        "marker": f"{{question}}{SEPARATOR}{{ratio}}{SEPARATOR}",
+        "instruction": INSTRUCTION,
+    }
 
 
 def user_content(question: str, ratio: float | None = None, extra_instruction: str | None = None) -> str:
@@ -79,7 +92,9 @@ def user_content(question: str, ratio: float | None = None, extra_instruction: s
     return text
 
 
-def build_messages(question: str, ratio: float | None = None, extra_instruction: str | None = None) -> list[dict[str, str]]:
+def build_messages(
+    question: str, ratio: float | None = None, extra_instruction: str | None = None
+) -> list[dict[str, str]]:
     """Chat messages (one user turn) for a question and γ.
 
     >>> build_messages("Q", 0.6)[0]["role"]
@@ -100,6 +115,43 @@ def build_target(cot: str, answer: str) -> str:
     return f"{cot.rstrip()}\n\n{answer_sentence(answer)}"
 
 
+_ANSWER_RE = re.compile(r"the final answer is\s*:?|\n#### ", re.IGNORECASE)
+
+
+def split_answer(output: str) -> tuple[str, str]:
+    """(CoT, answer part) of a model output: the CoT is everything before the first final-answer
+    sentence ("The final answer is: ..." or GSM8K's "#### ..."); an output without one is all CoT.
+    TokenSkip counts CoT tokens this way (the fixed-size answer sentence is not reasoning), and
+    a generated output that already ends with the sentence (LLaMA-3.1 style) is cut here before
+    it becomes a training CoT, so the target does not carry the sentence twice.
+
+    >>> split_answer("Janet has 16 - 3 = 13 eggs.\\n\\nThe final answer is: $\\\\boxed{13}$")
+    ('Janet has 16 - 3 = 13 eggs.', 'The final answer is: $\\\\boxed{13}$')
+    >>> split_answer("2+3=5\\n#### 5")
+    ('2+3=5', '#### 5')
+    >>> split_answer("no sentence, just \\\\boxed{5}")
+    ('no sentence, just \\\\boxed{5}', '')
+    """
+    m = _ANSWER_RE.search(output or "")
+    if not m:
+        return output or "", ""
+    return output[: m.start()].rstrip(), output[m.start() :].strip()
+
+
+def encode_prompt(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a rendered prompt. A chat template already wrote every special token (BOS
+    included), so none is added again; training, evaluation, generation and serving all
+    tokenize prompts here, so the model sees the same ids for the same (question, γ)."""
+    return list(tokenizer(text, add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"])
+
+
+def prompt_token_ids(
+    tokenizer: Any, question: str, ratio: float | None = None, extra_instruction: str | None = None
+) -> list[int]:
+    """:func:`render_prompt` then :func:`encode_prompt`: what an engine should be given."""
+    return encode_prompt(tokenizer, render_prompt(tokenizer, question, ratio, extra_instruction))
+
+
 def split_marker(text: str) -> tuple[str, float | None]:
     """Inverse of the marker: (question text, γ or None).
 
@@ -114,45 +166,34 @@ def split_marker(text: str) -> tuple[str, float | None]:
     return text[: m.start()], float(m.group(1))
 
 
-def render_prompt(tokenizer: Any, question: str, ratio: float | None = None, extra_instruction: str | None = None) -> str:
+def render_prompt(
+    tokenizer: Any, question: str, ratio: float | None = None, extra_instruction: str | None = None
+) -> str:
     """The full prompt string through the model's own chat template."""
     return render_messages(tokenizer, build_messages(question, ratio, extra_instruction))
 
 
 def render_messages(tokenizer: Any, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
     # A tokenizer without a template (a bare base model): plain text, still one place.
     body = "\n\n".join(m["content"] for m in messages)
     return body + ("\n\n" if add_generation_prompt else "")
 
 
-def render_training_pair(tokenizer: Any, question: str, ratio: float | None, cot: str, answer: str) -> tuple[str, str]:
-    """(prompt, completion) exactly as the chat template lays out the whole conversation.
-
-    The completion is the template's rendering of the assistant turn (so it ends with the
-    template's end-of-turn token), found as the suffix after the generation prompt.
-    """
-    messages = build_messages(question, ratio)
-    prompt = render_messages(tokenizer, messages)
-    target = build_target(cot, answer)
-    if getattr(tokenizer, "chat_template", None):
-        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": target}], tokenize=False)
-        if full.startswith(prompt):
-            return prompt, full[len(prompt):]
-    eos = getattr(tokenizer, "eos_token", None) or ""
-    return prompt, target + eos
-
-
 def render_user_completion(tokenizer: Any, user: str, completion: str) -> tuple[str, str]:
     """(prompt, completion) for an already built user turn and target (an SFT row's
-    ``user`` / ``completion``), laid out by the chat template like
-    :func:`render_training_pair`: the completion is the assistant turn's rendering."""
+    ``user`` / ``completion``), exactly as the chat template lays out the whole
+    conversation: the completion is the template's rendering of the assistant turn (so it
+    ends with the template's end-of-turn token), found as the suffix after the generation
+    prompt."""
     messages = [{"role": "user", "content": user}]
     prompt = render_messages(tokenizer, messages)
     if getattr(tokenizer, "chat_template", None):
         full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": completion}], tokenize=False)
         if full.startswith(prompt):
-            return prompt, full[len(prompt):]
+            return prompt, full[len(prompt) :]
     eos = getattr(tokenizer, "eos_token", None) or ""
     return prompt, completion + eos

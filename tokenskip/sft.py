@@ -1,11 +1,11 @@
-"""Building TokenSkip training samples (SPEC §3): pure functions, no Ray, no models.
+"""Building TokenSkip training samples (docs/method.md §3): pure functions, no Ray, no models.
 
 * :func:`draw_ratio` - one γ per question, seeded and independent of row order.
 * :func:`select_cot` - keep a CoT or say why not (incorrect, too long, empty).
 * :func:`sft_row` - the training row for (question, γ, CoT) through :mod:`tokenskip.prompt`.
 * :func:`assign_splits` - a seeded train/validation split by question (every ratio of a
   question lands in the same split, so validation never sees a training question).
-* :func:`ratio_stats` - count and mean actual ratio per γ, for the manifest.
+* :func:`ratio_stats` - count and mean actual ratio per γ (keyed by :func:`tokenskip.gamma.key`), for the manifest.
 
 >>> row = sft_row({"id": "q1", "question": "2+3?", "gold": "5"}, 0.5, "2+3=5", cot_tokens=6, pruned_tokens=3)
 >>> row["user"].endswith("<|eot_id|>0.5<|eot_id|>"), row["completion"]
@@ -19,18 +19,7 @@ from __future__ import annotations
 import random
 from typing import Iterable, Sequence
 
-from tokenskip import prompt
-
-RATIO_DIGITS = 4
-
-
-def ratio_key(ratio: float) -> float:
-    """A ratio rounded so float noise (0.7000001) never breaks a join.
-
-    >>> ratio_key(0.70000001) == ratio_key(0.7)
-    True
-    """
-    return round(float(ratio), RATIO_DIGITS)
+from tokenskip import gamma, prompt
 
 
 def draw_ratio(qid: str, ratios: Sequence[float], seed: int) -> float:
@@ -68,7 +57,7 @@ def ratios_for(qid: str, ratios: Sequence[float], sampling: str, seed: int) -> l
 
 
 def select_cot(cot: str | None, cot_tokens: int | None, max_cot_tokens: int, correct: bool = True) -> str | None:
-    """Why a CoT is not kept, or ``None`` when it is (SPEC §1: correct and ≤ 500 tokens).
+    """Why a CoT is not kept, or ``None`` when it is (docs/method.md §1: correct and ≤ 500 tokens).
 
     >>> select_cot("x = 5", 3, 500) is None
     True
@@ -153,23 +142,29 @@ def assign_splits(rows: list[dict], val_fraction: float, seed: int) -> tuple[lis
 
 
 def ratio_stats(rows: Iterable[dict]) -> dict[str, dict]:
-    """Per γ: rows, mean CoT / pruned tokens, mean actual ratio (tokens of the target model).
+    """Per γ: rows, mean CoT / pruned tokens, and the mean and spread (std, min, max) of the
+    pruned/original ratio, all in the target model's tokens.
 
     >>> ratio_stats([{"ratio": 0.5, "cot_tokens": 10, "pruned_tokens": 6, "actual_ratio": 0.6},
     ...              {"ratio": 0.5, "cot_tokens": 20, "pruned_tokens": 10, "actual_ratio": 0.5}])
-    {'0.5': {'rows': 2, 'mean_cot_tokens': 15.0, 'mean_pruned_tokens': 8.0, 'mean_actual_ratio': 0.55}}
+    {'0.5': {'rows': 2, 'mean_cot_tokens': 15.0, 'mean_pruned_tokens': 8.0, 'mean_actual_ratio': 0.55, 'std_actual_ratio': 0.05, 'min_actual_ratio': 0.5, 'max_actual_ratio': 0.6}}
     """
+    import statistics
+
     acc: dict[float, list[dict]] = {}
     for r in rows:
-        acc.setdefault(ratio_key(r["ratio"]), []).append(r)
+        acc.setdefault(gamma.canonical(r["ratio"]), []).append(r)
     out = {}
     for ratio in sorted(acc, reverse=True):
         group = acc[ratio]
         n = len(group)
-        out[prompt.format_ratio(ratio)] = {
+        out[gamma.key(ratio)] = {
             "rows": n,
             "mean_cot_tokens": round(sum(r["cot_tokens"] for r in group) / n, 4),
             "mean_pruned_tokens": round(sum(r["pruned_tokens"] for r in group) / n, 4),
             "mean_actual_ratio": round(sum(r["actual_ratio"] for r in group) / n, 4),
+            "std_actual_ratio": round(statistics.pstdev([r["actual_ratio"] for r in group]), 4),
+            "min_actual_ratio": round(min(r["actual_ratio"] for r in group), 4),
+            "max_actual_ratio": round(max(r["actual_ratio"] for r in group), 4),
         }
     return out

@@ -48,16 +48,20 @@ def validate_rows(rows: Sequence[dict], source: str = "<rows>") -> None:
         raise TrainDataError(f"{source}: the training set is empty (0 rows)")
     missing = [c for c in REQUIRED_COLUMNS if c not in rows[0]]
     if missing:
-        raise TrainDataError(f"{source}: missing column(s) {missing} (row 0 has {sorted(rows[0])}; required: {', '.join(REQUIRED_COLUMNS)})")
-    from tokenskip.config import check_ratio
+        raise TrainDataError(
+            f"{source}: missing column(s) {missing} (row 0 has {sorted(rows[0])}; required: {', '.join(REQUIRED_COLUMNS)})"
+        )
+    from tokenskip import gamma
 
     for i, row in enumerate(rows):
         for col in ("user", "completion"):
             v = row.get(col)
             if not isinstance(v, str) or not v:
-                raise TrainDataError(f"{source}: row {i} (id {row.get('id')}): field '{col}' must be a non-empty string, got {v!r}")
+                raise TrainDataError(
+                    f"{source}: row {i} (id {row.get('id')}): field '{col}' must be a non-empty string, got {v!r}"
+                )
         try:
-            check_ratio(row.get("ratio"), "ratio")
+            gamma.check(row.get("ratio"), "ratio")
         except ValueError as e:
             raise TrainDataError(f"{source}: row {i} (id {row.get('id')}): field {e}") from None
 
@@ -65,8 +69,9 @@ def validate_rows(rows: Sequence[dict], source: str = "<rows>") -> None:
 # --------------------------------------------------------------------------- tokenisation
 
 
-def build_example(prompt_ids: Sequence[int], completion_ids: Sequence[int], cutoff_len: int,
-                  overlong: str = "truncate") -> dict | None:
+def build_example(
+    prompt_ids: Sequence[int], completion_ids: Sequence[int], cutoff_len: int, overlong: str = "truncate"
+) -> dict | None:
     """input_ids / labels for one pair; ``None`` when the row must be dropped.
 
     Longer than ``cutoff_len``: ``truncate`` keeps the prompt and cuts the completion's
@@ -91,18 +96,15 @@ def build_example(prompt_ids: Sequence[int], completion_ids: Sequence[int], cuto
     return {"input_ids": ids, "labels": labels, "overlong": is_long}
 
 
-def render_pair(tokenizer: Any, user: str, completion: str) -> tuple[str, str]:
-    """(prompt, completion) text through the model's chat template (tokenskip.prompt)."""
-    from tokenskip.prompt import render_user_completion
-
-    return render_user_completion(tokenizer, user, completion)
-
-
-def tokenize_pair(tokenizer: Any, user: str, completion: str, cutoff_len: int, overlong: str = "truncate") -> dict | None:
+def tokenize_pair(
+    tokenizer: Any, user: str, completion: str, cutoff_len: int, overlong: str = "truncate"
+) -> dict | None:
     """Render with the chat template, tokenise prompt and completion separately (so the
     boundary is exact), and mask the prompt. ``None`` = dropped (see :func:`build_example`)."""
-    prompt_text, completion_text = render_pair(tokenizer, user, completion)
-    p = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    from tokenskip.prompt import encode_prompt, render_user_completion
+
+    prompt_text, completion_text = render_user_completion(tokenizer, user, completion)
+    p = encode_prompt(tokenizer, prompt_text)  # the same ids evaluation, generation and serving give the engine
     c = tokenizer(completion_text, add_special_tokens=False)["input_ids"]
     return build_example(p, c, cutoff_len, overlong)
 
@@ -110,7 +112,9 @@ def tokenize_pair(tokenizer: Any, user: str, completion: str, cutoff_len: int, o
 # --------------------------------------------------------------------------- collator
 
 
-def pad_batch(examples: Sequence[dict], pad_id: int, pad_to_multiple_of: int | None = None) -> dict[str, list[list[int]]]:
+def pad_batch(
+    examples: Sequence[dict], pad_id: int, pad_to_multiple_of: int | None = None
+) -> dict[str, list[list[int]]]:
     """Right-pad a batch to its own longest row (never to the cutoff).
 
     >>> b = pad_batch([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4], "labels": [4]}], pad_id=0)
@@ -144,7 +148,10 @@ class Collator:
     def __call__(self, examples: Sequence[dict]) -> dict:
         import torch
 
-        return {k: torch.tensor(v, dtype=torch.long) for k, v in pad_batch(examples, self.pad_id, self.pad_to_multiple_of).items()}
+        return {
+            k: torch.tensor(v, dtype=torch.long)
+            for k, v in pad_batch(examples, self.pad_id, self.pad_to_multiple_of).items()
+        }
 
 
 # --------------------------------------------------------------------------- schedule
@@ -162,11 +169,15 @@ def grad_accum_steps(global_batch: int, micro_batch: int, world_size: int) -> in
     """
     per_step = micro_batch * world_size
     if global_batch % per_step:
-        raise ValueError(f"global_batch_size {global_batch} is not a multiple of micro_batch_size {micro_batch} x workers {world_size}")
+        raise ValueError(
+            f"global_batch_size {global_batch} is not a multiple of micro_batch_size {micro_batch} x workers {world_size}"
+        )
     return global_batch // per_step
 
 
-def total_steps(rows_per_rank: int, micro_batch: int, accum: int, epochs: float, max_steps: int | None = None) -> tuple[int, int]:
+def total_steps(
+    rows_per_rank: int, micro_batch: int, accum: int, epochs: float, max_steps: int | None = None
+) -> tuple[int, int]:
     """(optimizer steps per epoch, total optimizer steps); a trailing partial step is dropped.
 
     >>> total_steps(16, 1, 4, 3.0)
@@ -180,7 +191,9 @@ def total_steps(rows_per_rank: int, micro_batch: int, accum: int, epochs: float,
     """
     per_epoch = rows_per_rank // (micro_batch * accum)
     if per_epoch < 1:
-        raise ValueError(f"too few rows per worker ({rows_per_rank}) for one optimizer step (micro_batch {micro_batch} x accumulation {accum})")
+        raise ValueError(
+            f"too few rows per worker ({rows_per_rank}) for one optimizer step (micro_batch {micro_batch} x accumulation {accum})"
+        )
     total = max(1, int(math.floor(per_epoch * epochs)))
     if max_steps is not None:
         total = max_steps
@@ -220,10 +233,48 @@ def epoch_order(n: int, epoch: int, seed: int) -> list[int]:
     return order
 
 
+def length_grouped_order(lengths: Sequence[int], epoch: int, seed: int, micro_batch: int, mega: int = 32) -> list[int]:
+    """An epoch order whose consecutive micro-batches hold rows of similar length, so padding
+    to the longest row of a batch wastes little (HF's ``group_by_length``): a seeded shuffle,
+    cut into mega-batches of ``mega × micro_batch`` rows, each sorted by length (longest
+    first), then the micro-batches shuffled among themselves so lengths don't trend over the epoch.
+
+    >>> o = length_grouped_order([5, 50, 6, 52, 7, 49, 51, 4], 0, 1, micro_batch=2, mega=4)
+    >>> sorted(o) == list(range(8)), sorted(sorted([5, 50, 6, 52, 7, 49, 51, 4][i] for i in o[k:k + 2]) for k in range(0, 8, 2))
+    (True, [[4, 5], [6, 7], [49, 50], [51, 52]])
+    """
+    import random
+
+    order = epoch_order(len(lengths), epoch, seed)
+    size = max(1, mega * micro_batch)
+    grouped: list[list[int]] = []
+    for start in range(0, len(order), size):
+        chunk = sorted(order[start : start + size], key=lambda i: -lengths[i])
+        grouped += [chunk[k : k + micro_batch] for k in range(0, len(chunk), micro_batch)]
+    random.Random(seed * 7_919 + epoch).shuffle(grouped)
+    return [i for batch in grouped for i in batch]
+
+
+def padding_share(lengths: Sequence[int], order: Sequence[int], micro_batch: int) -> float:
+    """Share of processed token positions that are padding when ``order`` is cut into micro-batches.
+
+    >>> padding_share([2, 4, 4, 4], [0, 1, 2, 3], 2)
+    0.125
+    """
+    real = padded = 0
+    for k in range(0, len(order), micro_batch):
+        batch = [lengths[i] for i in order[k : k + micro_batch]]
+        real += sum(batch)
+        padded += max(batch) * len(batch)
+    return 1.0 - real / padded if padded else 0.0
+
+
 # --------------------------------------------------------------------------- LoRA
 
 
-def build_lora_config(r: int = 8, alpha: int = 16, dropout: float = 0.0, target_modules: str | Iterable[str] = "all-linear"):
+def build_lora_config(
+    r: int = 8, alpha: int = 16, dropout: float = 0.0, target_modules: str | Iterable[str] = "all-linear"
+):
     """A PEFT LoraConfig that vLLM can load: linear projections only, never the LM head,
     no ``modules_to_save``.
 
@@ -241,9 +292,18 @@ def build_lora_config(r: int = 8, alpha: int = 16, dropout: float = 0.0, target_
         target_modules = list(target_modules)
         bad = [m for m in target_modules if m in ("lm_head", "embed_tokens", "wte", "embed_out")]
         if bad:
-            raise ValueError(f"lora.target_modules must not include lm_head / embeddings (vLLM cannot load them): {bad}")
-    return PeftLoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=dropout,
-                          target_modules=target_modules, bias="none", modules_to_save=None)
+            raise ValueError(
+                f"lora.target_modules must not include lm_head / embeddings (vLLM cannot load them): {bad}"
+            )
+    return PeftLoraConfig(
+        task_type="CAUSAL_LM",
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        bias="none",
+        modules_to_save=None,
+    )
 
 
 # --------------------------------------------------------------------------- DeepSpeed
@@ -272,10 +332,19 @@ def resolve_precision(precision: str, on_gpu: bool) -> str:
     return precision
 
 
-def build_deepspeed_config(zero_stage: int = 3, micro_batch: int = 1, grad_accum: int = 1, precision: str = "fp32",
-                           offload_optimizer: bool = False, offload_params: bool = False, on_gpu: bool = False,
-                           learning_rate: float = 5e-5, weight_decay: float = 0.0, gradient_clipping: float = 1.0,
-                           extra: dict | None = None) -> dict:
+def build_deepspeed_config(
+    zero_stage: int = 3,
+    micro_batch: int = 1,
+    grad_accum: int = 1,
+    precision: str = "fp32",
+    offload_optimizer: bool = False,
+    offload_params: bool = False,
+    on_gpu: bool = False,
+    learning_rate: float = 5e-5,
+    weight_decay: float = 0.0,
+    gradient_clipping: float = 1.0,
+    extra: dict | None = None,
+) -> dict:
     """The DeepSpeed config for LoRA SFT (ZeRO-0..3, optional CPU offload).
 
     The optimizer is torch's AdamW (``torch_adam``) except with optimizer offload on GPUs
@@ -303,8 +372,14 @@ def build_deepspeed_config(zero_stage: int = 3, micro_batch: int = 1, grad_accum
     zero: dict[str, Any] = {"stage": zero_stage, "contiguous_gradients": True, "overlap_comm": bool(on_gpu)}
     if zero_stage == 3:
         # Adapter weights are gathered explicitly when saved; never write a 16-bit full model.
-        zero.update({"stage3_gather_16bit_weights_on_model_save": False, "stage3_param_persistence_threshold": 1e4,
-                     "stage3_prefetch_bucket_size": 5e7, "stage3_max_live_parameters": 1e9})
+        zero.update(
+            {
+                "stage3_gather_16bit_weights_on_model_save": False,
+                "stage3_param_persistence_threshold": 1e4,
+                "stage3_prefetch_bucket_size": 5e7,
+                "stage3_max_live_parameters": 1e9,
+            }
+        )
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": bool(on_gpu)}
     if offload_params:

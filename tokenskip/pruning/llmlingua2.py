@@ -55,9 +55,18 @@ def tokenizer_family(tokenizer) -> str:
 class LLMLingua2Scorer:
     """Token-classifier scorer (LLMLingua-2)."""
 
-    def __init__(self, model: str = DEFAULT_CHECKPOINT, device: str = "auto", batch_size: int = 16,
-                 reference_quirks: bool = True, max_seq_len: int = 512, chunk_end_tokens: Sequence[str] = (".", "\n"),
-                 dtype: str | None = None, max_force_token: int = 100, max_batch_tokens: int | None = None) -> None:
+    def __init__(
+        self,
+        model: str = DEFAULT_CHECKPOINT,
+        device: str = "auto",
+        batch_size: int = 16,
+        reference_quirks: bool = True,
+        max_seq_len: int = 512,
+        chunk_end_tokens: Sequence[str] = (".", "\n"),
+        dtype: str | None = None,
+        max_force_token: int = 100,
+        max_batch_tokens: int | None = None,
+    ) -> None:
         import torch
         from transformers import AutoModelForTokenClassification, AutoTokenizer
 
@@ -76,7 +85,9 @@ class LLMLingua2Scorer:
         mdl = AutoModelForTokenClassification.from_pretrained(path, dtype=torch_dtype)
         self.family = tokenizer_family(tok)
         # llmlingua's special-token set (it drops these when merging words) plus padding.
-        self.special = {v for k, v in tok.special_tokens_map.items() if k != "additional_special_tokens" and isinstance(v, str)}
+        self.special = {
+            v for k, v in tok.special_tokens_map.items() if k != "additional_special_tokens" and isinstance(v, str)
+        }
         self.cls = tok.cls_token or tok.bos_token
         self.sep = tok.sep_token or tok.eos_token
         self.pad = tok.pad_token
@@ -127,7 +138,11 @@ class LLMLingua2Scorer:
                 enc2 = tok([p for _, p in pieces], add_special_tokens=False)
                 for k, (i, ctext) in enumerate(pieces):
                     toks = [self.cls] + enc2.tokens(k) + [self.sep]
-                    ids = [tok.convert_tokens_to_ids(self.cls)] + enc2["input_ids"][k] + [tok.convert_tokens_to_ids(self.sep)]
+                    ids = (
+                        [tok.convert_tokens_to_ids(self.cls)]
+                        + enc2["input_ids"][k]
+                        + [tok.convert_tokens_to_ids(self.sep)]
+                    )
                     chunks.append((i, toks[: self.max_seq_len], ids[: self.max_seq_len], None, ctext))
         else:
             enc = tok(list(texts), add_special_tokens=False, return_offsets_mapping=True) if texts else None
@@ -136,16 +151,29 @@ class LLMLingua2Scorer:
                 toks, ids = enc.tokens(i), enc["input_ids"][i]
                 offs = np.asarray(enc["offset_mapping"][i], dtype=np.int64).reshape(-1, 2)
                 for a, b in chunk_bounds([x in ends for x in toks], self.max_seq_len - 3):
-                    body = t[offs[a, 0]:offs[b - 1, 1]]
-                    chunks.append((i, [self.cls] + toks[a:b] + [self.sep], [cls_id] + ids[a:b] + [sep_id],
-                                   np.concatenate([[[0, 0]], offs[a:b], [[0, 0]]]), body))
+                    body = t[offs[a, 0] : offs[b - 1, 1]]
+                    chunks.append(
+                        (
+                            i,
+                            [self.cls] + toks[a:b] + [self.sep],
+                            [cls_id] + ids[a:b] + [sep_id],
+                            np.concatenate([[[0, 0]], offs[a:b], [[0, 0]]]),
+                            body,
+                        )
+                    )
         probs = self._forward([c[2] for c in chunks])
         # llmlingua drops [UNK] words too; without quirks they are kept (spelled from the text).
         drop = self.special if self.reference_quirks else {t for t in (self.cls, self.sep, self.pad) if t}
         for (i, toks, _, offs, ctext), p in zip(chunks, probs):
             keep = [k for k, x in enumerate(toks) if x not in drop]
-            out[i].chunks.append(ScoredChunk(tokens=[toks[k] for k in keep], probs=p[keep],
-                                             offsets=offs[keep] if offs is not None else None, text=ctext))
+            out[i].chunks.append(
+                ScoredChunk(
+                    tokens=[toks[k] for k in keep],
+                    probs=p[keep],
+                    offsets=offs[keep] if offs is not None else None,
+                    text=ctext,
+                )
+            )
         return out
 
     def _forward(self, seqs: list[list[int]]) -> list[np.ndarray]:

@@ -141,11 +141,21 @@ class Words:
     probs: np.ndarray  # float32, mean of (force-adjusted) sub-token probabilities
     all_forced: np.ndarray  # bool: every sub-token forced to 1.0 (llmlingua then holds a Python float)
     spans: np.ndarray | None = None  # (n, 2) character spans in the original text
+    n_tokens: np.ndarray | None = None  # scorer tokens per word
+    n_sep: int = 0  # whitespace-only scorer tokens (belong to no word)
 
 
-def merge_words(tokens: Sequence[str], probs: np.ndarray, family: str, force_tokens: Iterable[str] = (),
-                token_map: dict[str, str] | None = None, force_reserve_digit: bool = False,
-                offsets: np.ndarray | None = None, text: str | None = None, use_spans: bool = False) -> Words:
+def merge_words(
+    tokens: Sequence[str],
+    probs: np.ndarray,
+    family: str,
+    force_tokens: Iterable[str] = (),
+    token_map: dict[str, str] | None = None,
+    force_reserve_digit: bool = False,
+    offsets: np.ndarray | None = None,
+    text: str | None = None,
+    use_spans: bool = False,
+) -> Words:
     """Merge sub-tokens into words, exactly as llmlingua 0.2.2's ``__merge_token_to_word``.
 
     ``tokens`` must already exclude special tokens. With ``use_spans`` (needs ``offsets``
@@ -170,7 +180,7 @@ def merge_words(tokens: Sequence[str], probs: np.ndarray, family: str, force_tok
     spans_on = use_spans and offsets is not None and text is not None
     prev = None
     for i, tok in enumerate(tokens):
-        piece = text[offsets[i][0]:offsets[i][1]] if spans_on else tok
+        piece = text[offsets[i][0] : offsets[i][1]] if spans_on else tok
         if family == "text":
             if not tok.strip():  # whitespace-only piece: a separator, not a word
                 prev = tok
@@ -196,8 +206,16 @@ def merge_words(tokens: Sequence[str], probs: np.ndarray, family: str, force_tok
         keep_idx = np.array([i for i, t in enumerate(tokens) if t.strip()], dtype=np.int64)
     else:
         keep_idx = None
+    n_sep = int(n - len(keep_idx)) if keep_idx is not None else 0
     if not starts:
-        return Words([], np.zeros(0, np.float32), np.zeros(0, bool), np.zeros((0, 2), np.int64) if spans_on else None)
+        return Words(
+            [],
+            np.zeros(0, np.float32),
+            np.zeros(0, bool),
+            np.zeros((0, 2), np.int64) if spans_on else None,
+            np.zeros(0, np.int64),
+            n_sep,
+        )
     # Word membership over the (non-whitespace) tokens.
     idx = keep_idx if keep_idx is not None else np.arange(n)
     st = np.asarray(starts)
@@ -223,7 +241,7 @@ def merge_words(tokens: Sequence[str], probs: np.ndarray, family: str, force_tok
                     s += 1
                 s0[j] = s
         spans = np.stack([s0, off[ends - 1, 1]], axis=1)
-    return Words(words, means, all_forced, spans)
+    return Words(words, means, all_forced, spans, lens.astype(np.int64), n_sep)
 
 
 # --------------------------------------------------------------------------- thresholds
@@ -332,7 +350,7 @@ def join_offsets(text: str, spans: np.ndarray, keep: np.ndarray) -> str:
             while j > 0 and text[j - 1].isspace():
                 j -= 1
             # words that were not adjacent must not fuse ("3*2=6" without "*" is "3 2=6")
-            sep = " " if j == s and k != prev + 1 and text[s:s + 1].isalnum() else ""
+            sep = " " if j == s and k != prev + 1 and text[s : s + 1].isalnum() else ""
             parts.append(sep + text[j:e])
         else:
             parts.append(text[s:e])
@@ -340,9 +358,14 @@ def join_offsets(text: str, spans: np.ndarray, keep: np.ndarray) -> str:
     return "".join(parts)
 
 
-def prune_chunks(chunks: Sequence[ChunkWords], ratios: Sequence[float], drop_consecutive: bool = False,
-                 detok: Callable[[list[str]], str] | None = None, text: str | None = None,
-                 token_map: dict[str, str] | None = None) -> dict[float, str]:
+def prune_chunks(
+    chunks: Sequence[ChunkWords],
+    ratios: Sequence[float],
+    drop_consecutive: bool = False,
+    detok: Callable[[list[str]], str] | None = None,
+    text: str | None = None,
+    token_map: dict[str, str] | None = None,
+) -> dict[float, str]:
     """Pruned text of one CoT for every ratio, from its scored chunks.
 
     ``detok`` given: llmlingua's join (per chunk ``detok(kept_words)``, chunks joined
@@ -361,7 +384,9 @@ def prune_chunks(chunks: Sequence[ChunkWords], ratios: Sequence[float], drop_con
                 out[r] = text or ""
             continue
         if detok is not None:
-            out[r] = "".join(detok([c.words[i] for i in np.flatnonzero(m[r])]) if len(c.words) else "" for c, m in zip(chunks, masks))
+            out[r] = "".join(
+                detok([c.words[i] for i in np.flatnonzero(m[r])]) if len(c.words) else "" for c, m in zip(chunks, masks)
+            )
         else:
             if not chunks:
                 out[r] = ""
@@ -370,3 +395,123 @@ def prune_chunks(chunks: Sequence[ChunkWords], ratios: Sequence[float], drop_con
             keep = np.concatenate([m[r] for m in masks])
             out[r] = join_offsets(text or "", spans, keep)
     return out
+
+
+# --------------------------------------------------------------------------- budget cut
+
+# A word made only of these is part of an equation (``48 / 2 = 24``, ``$5``, ``20%``).
+_OPERATOR_WORD = re.compile(r"^[=+\-−–*×÷/^%$<>()]+$")
+CUTS = ("percentile", "budget")
+PROTECT = ("none", "numbers")
+
+
+def word_tiers(words: Sequence[str], protect: str = "numbers", spans: np.ndarray | None = None) -> np.ndarray:
+    """Protection tier per word: 2 = part of a number or of an equation, 1 = an operator, 0 = the rest.
+
+    Under the budget cut a higher tier outranks every word of a lower tier whatever their
+    scores, so numbers go last and fillers first (TokenSkip keeps equations and numbers).
+    With ``spans``, a ``.`` or ``,`` glued between two digit words is part of the number
+    (``0.2``, ``22,500``), and an operator (or ``x``) between two numbers is part of the equation.
+
+    >>> word_tiers(["Natalia", "sold", "48", "/", "2", "=", "24", "clips", "."]).tolist()
+    [0, 0, 2, 1, 2, 1, 2, 0, 0]
+    >>> sp = np.array([[0, 2], [2, 3], [3, 4], [5, 6], [7, 9], [10, 11], [12, 13]])
+    >>> word_tiers(["48", "/", "2", "=", "24", "+", "tax"], spans=sp).tolist()
+    [2, 2, 2, 2, 2, 1, 0]
+    >>> word_tiers(["$", "0", ".", "2", "x", "50", "."], spans=np.array([[0, 1], [1, 2], [2, 3], [3, 4], [5, 6], [7, 9], [9, 10]])).tolist()
+    [1, 2, 2, 2, 2, 2, 0]
+    >>> word_tiers(["48"], protect="none").tolist()
+    [0]
+    """
+    if protect not in PROTECT:
+        raise ValueError(f"unknown protect {protect!r} (valid: {', '.join(PROTECT)})")
+    if protect == "none":
+        return np.zeros(len(words), np.int8)
+    tiers = np.fromiter(
+        (2 if _DIGIT.search(w) else 1 if _OPERATOR_WORD.match(w.strip()) else 0 for w in words),
+        dtype=np.int8,
+        count=len(words),
+    )
+    if spans is not None and len(words) > 2:
+        digit = tiers == 2
+        for i in range(1, len(words) - 1):
+            if tiers[i] == 2 or not (digit[i - 1] and digit[i + 1]):
+                continue
+            w = words[i].strip()
+            glued = spans[i - 1][1] == spans[i][0] and spans[i][1] == spans[i + 1][0]
+            if (w in (".", ",") and glued) or tiers[i] == 1 or w.lower() == "x":
+                tiers[i] = 2  # inside a number, or an operator between two numbers: part of the equation
+    return tiers
+
+
+def budget_masks(
+    probs: np.ndarray,
+    weights: np.ndarray,
+    tiers: np.ndarray,
+    ratios: Sequence[float],
+    fixed_tokens: int = 0,
+    measure: Callable[[np.ndarray], int] | None = None,
+    measured_total: int | None = None,
+    max_steps: int = 24,
+) -> dict[float, np.ndarray]:
+    """Keep masks that hit γ in the weights' unit: words ranked by (tier, score), earliest
+    first on ties, kept while their tokens fit ``γ × (sum(weights) + fixed_tokens) − fixed_tokens``
+    (``fixed_tokens``: tokens that are always kept, e.g. line breaks). The cut is placed where
+    the kept total is closest to the budget, so the ratio is met to within one word.
+
+    With ``measure`` (keep mask -> tokens of the text it gives) and ``measured_total`` (tokens
+    of the whole text), the cut is then moved word by word until the *measured* length is
+    closest to γ × ``measured_total``: joining kept words re-tokenizes differently than the
+    sum of the words' own tokens (dropped line breaks, merged pieces).
+
+    >>> p = np.array([.9, .1, .5, .5, .2, .8], np.float32)
+    >>> w = np.array([1, 1, 2, 1, 1, 1])
+    >>> m = budget_masks(p, w, np.array([0, 0, 2, 1, 0, 0]), [0.5, 0.3])
+    >>> m[0.5].tolist(), m[0.3].tolist()
+    ([False, False, True, True, False, False], [False, False, True, False, False, False])
+    """
+    n = len(probs)
+    out: dict[float, np.ndarray] = {}
+    if n == 0:
+        return {r: np.zeros(0, bool) for r in ratios if r < 1.0}
+    order = np.lexsort((np.arange(n), -np.asarray(probs, np.float64), -np.asarray(tiers, np.int64)))
+    cum = np.cumsum(np.asarray(weights, np.int64)[order])
+    total = int(cum[-1]) + int(fixed_tokens)
+    for r in ratios:
+        if r >= 1.0:
+            continue
+        budget = r * total - fixed_tokens
+        k = int(np.searchsorted(cum, budget, side="right"))  # words whose cumulative tokens fit
+        if k < n and k > 0 and abs(cum[k] - budget) < abs(cum[k - 1] - budget):
+            k += 1
+        elif k == 0 and n and abs(cum[0] - budget) < abs(budget):
+            k = 1
+        if measure is not None and measured_total:
+            k = _refine(order, k, r * measured_total, measure, max_steps)
+        keep = np.zeros(n, bool)
+        keep[order[:k]] = True
+        out[r] = keep
+    return out
+
+
+def _refine(order: np.ndarray, k: int, target: float, measure: Callable[[np.ndarray], int], max_steps: int) -> int:
+    """Move the cut (``k`` best words kept) to where the measured length is closest to ``target``."""
+    n = len(order)
+
+    def m(j: int) -> int:
+        keep = np.zeros(n, bool)
+        keep[order[:j]] = True
+        return measure(keep)
+
+    cur = m(k)
+    step = 1 if cur < target else -1
+    for _ in range(max_steps):
+        j = k + step
+        if not 0 <= j <= n:
+            break
+        nxt = m(j)
+        if abs(nxt - target) < abs(cur - target) or (step > 0 and nxt <= target):
+            k, cur = j, nxt
+        else:
+            break
+    return k

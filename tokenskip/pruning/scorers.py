@@ -75,18 +75,25 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
-def length_sorted_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
+def length_sorted_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None,
+                          min_fill: float = 0.67) -> list[list[int]]:
     """Indices grouped into batches of similar length (longest first), so padding to the
-    longest in a batch wastes little.
+    longest in a batch wastes little: a batch also ends before a sequence shorter than
+    ``min_fill`` × its longest (whose row would be over a third padding). Few texts of
+    spread-out lengths (15 MATH solutions of 40-510 tokens) otherwise made one batch with
+    3× the real tokens.
 
     >>> length_sorted_batches([3, 10, 4, 9], 2)
     [[1, 3], [2, 0]]
+    >>> length_sorted_batches([500, 45, 480, 300, 60, 290], 16)
+    [[0, 2], [3, 5], [4, 1]]
     """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches: list[list[int]] = []
     cur: list[int] = []
     for i in order:
-        if cur and (len(cur) >= batch_size or (max_tokens and (len(cur) + 1) * lengths[cur[0]] > max_tokens)):
+        if cur and (len(cur) >= batch_size or (max_tokens and (len(cur) + 1) * lengths[cur[0]] > max_tokens)
+                    or lengths[i] < min_fill * lengths[cur[0]]):
             batches.append(cur)
             cur = []
         cur.append(i)

@@ -1,7 +1,8 @@
 """``tokenskip`` command line: one subcommand per stage, each ``--config FILE`` + overrides.
 
-Subcommands dispatch to the same ``main(argv)`` the ``ray job submit`` entrypoints use,
-so ``tokenskip prune -c X`` and ``python -m ray_jobs.prune -c X`` are the same run.
+The entry layer: subcommands dispatch to the same ``main(argv)`` the ``ray job submit``
+entrypoints use (all of them run through :mod:`ray_jobs.runner`), so ``tokenskip prune -c X``
+and ``python -m ray_jobs.prune -c X`` are the same run.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("serving.run", "start the OpenAI-compatible γ-routed Serve app locally"),
     "pipeline": ("ray_jobs.pipeline", "the whole experiment: generate -> prune -> build -> train -> evaluate"),
     "plan-memory": ("tokenskip.memory", "per-GPU memory estimate for a model / ZeRO stage / GPU count"),
-    "assets": ("tokenskip.cli", "list (and with `prepare`, convert) the embedded offline assets"),
+    "assets": ("ray_jobs.cli", "list (and with `prepare`, convert) the embedded offline assets"),
 }
 
 
@@ -36,7 +37,10 @@ def assets_main(argv: list[str] | None = None) -> int:
 
     from tokenskip import assets
 
-    p = argparse.ArgumentParser(prog="tokenskip assets", description="List the embedded offline assets; `prepare` converts SmolLM2 and places the tiktoken file.")
+    p = argparse.ArgumentParser(
+        prog="tokenskip assets",
+        description="List the embedded offline assets; `prepare` converts SmolLM2 and places the tiktoken file.",
+    )
     p.add_argument("action", nargs="?", choices=["list", "prepare"], default="list")
     args = p.parse_args(argv)
     if args.action == "prepare":

@@ -1,0 +1,188 @@
+"""The model replica's body: one vLLM ``AsyncLLM`` (LoRA enabled), adapter loading, γ routing,
+prompt rendering and generation. Ray Serve wraps it into the ``TokenSkipModel`` deployment
+(:func:`serving.app.model_deployment`, which adds the ``@serve.multiplexed`` adapter LRU).
+
+Engine failures become ApiErrors here, before they cross Ray: a dead engine is a 503 (and
+:meth:`TokenSkipModelImpl.check_health` fails, so Serve replaces the replica); a request the
+engine refuses is a 400; anything else stays a server error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+from typing import Any, AsyncGenerator
+
+from ray import serve
+
+from serving import protocol
+from serving.adapters import AdapterInfo, AdapterResolver
+from serving.config import ServeAppConfig
+from serving.routing import ApiError, Route, route
+from tokenskip import prompt as tsprompt
+
+log = logging.getLogger("tokenskip.serving")
+
+
+class LoadedAdapter:
+    """A LoRA registered with this replica's engine; unregistered when Serve's LRU evicts it."""
+
+    def __init__(self, info: AdapterInfo, lora_request: Any, engine: Any):
+        self.info, self.lora_request, self._engine = info, lora_request, engine
+        self._loop = asyncio.get_running_loop()
+
+    def __del__(self):
+        # Serve's LRU calls this in an executor thread on eviction (and the GC may call it
+        # later again): hand the removal to the replica's event loop, never block here.
+        loop, engine = getattr(self, "_loop", None), getattr(self, "_engine", None)
+        lora_id = self.lora_request.lora_int_id
+        self._engine = None
+        if loop is None or engine is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(lambda: loop.create_task(engine.remove_lora(lora_id)))
+        except RuntimeError:  # pragma: no cover - loop shutting down
+            pass
+
+
+class TokenSkipModelImpl:
+    """Model replica body (wrapped into a Serve deployment by :func:`model_deployment`)."""
+
+    def __init__(self, cfg: dict):
+        from transformers import AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from tokenskip import engine as tsengine
+
+        self.cfg = ServeAppConfig.from_dict(cfg)
+        tsengine.cpu_env_defaults()
+        kw = tsengine.engine_kwargs_for(self.cfg.model, {"max_loras": self.cfg.max_adapters_per_replica,
+                                                         **self.cfg.engine_kwargs},
+                                        enable_lora=True, max_lora_rank=self.cfg.max_lora_rank)
+        kw.setdefault("disable_log_stats", True)
+        self.engine_kwargs = kw
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kw))
+        self.tokenizer = AutoTokenizer.from_pretrained(kw["model"])
+        self.max_model_len = int(self.engine.model_config.max_model_len)
+        self.resolver = AdapterResolver(self.cfg)
+        self._lora_ids = itertools.count(1)
+        self._loads: collections.Counter[str] = collections.Counter()
+
+    def _engine_error(self, e: BaseException) -> ApiError | None:
+        """What an engine exception means for the client: 503 when the engine is dead, 400 for
+        a request the engine refused, None for anything else (a server bug)."""
+        from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if isinstance(e, EngineDeadError) or getattr(self.engine, "errored", False):
+            return ApiError(503, "the model engine is not running; retry later", code="engine_unavailable",
+                            retry_after=self.cfg.retry_after_s)
+        if isinstance(e, (VLLMClientError, ValueError)):
+            return ApiError(400, f"the engine refused the request: {str(e)[:300]}")
+        return None
+
+    async def _load_adapter(self, adapter_id: str) -> LoadedAdapter:
+        from vllm.lora.request import LoRARequest
+
+        info = await asyncio.get_running_loop().run_in_executor(None, self.resolver.resolve, adapter_id)
+        lora = LoRARequest(adapter_id, next(self._lora_ids), info.local_dir)
+        try:
+            await self.engine.add_lora(lora)
+        except Exception as e:
+            api = self._engine_error(e)
+            if api is not None and api.status == 503:
+                raise api from None
+            log.warning("adapter %s (%s) cannot be loaded: %s", adapter_id, info.source, e)
+            raise ApiError(400, f"adapter {adapter_id!r} cannot be loaded by this model (see the server log)",
+                           param="model", code="adapter_invalid") from None
+        self._loads[adapter_id] += 1
+        log.info("loaded adapter %s from %s (ratios %s)", adapter_id, info.source, info.ratios)
+        return LoadedAdapter(info, lora, self.engine)
+
+    def adapter_loads(self) -> dict[str, int]:
+        """How often each adapter was loaded into this replica's engine (an LRU eviction
+        followed by a reload counts twice)."""
+        return dict(self._loads)
+
+    async def check_health(self) -> None:
+        await self.engine.check_health()  # raises once the engine died: Serve replaces the replica
+
+    # -- request preparation -------------------------------------------------------
+    async def _prepare(self, req: dict) -> tuple[Route, Any, dict, Any]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        adapter_id = req.get("adapter")
+        loaded = None
+        if adapter_id:
+            if serve.get_multiplexed_model_id() not in ("", adapter_id):  # pragma: no cover - ingress bug
+                raise ApiError(400, "multiplexed model id does not match the request's adapter", param="model")
+            loaded = await self.load_adapter(adapter_id)
+            ratios, table = loaded.info.ratios, loaded.info.expected_cot_tokens
+        else:
+            ratios, table = self.cfg.base_ratios, self.cfg.base_expected_cot_tokens or {}
+        rt = route(req.get("compression_ratio"), req.get("max_cot_tokens"), ratios, table)
+        text, special = protocol.render_text(self.tokenizer, req, rt.ratio)
+        # A rendered prompt is tokenized like training did (tokenskip.prompt.encode_prompt);
+        # a raw completion prompt as is.
+        ids = self.tokenizer(text)["input_ids"] if special else tsprompt.encode_prompt(self.tokenizer, text)
+        max_tokens = req.get("max_tokens")
+        if max_tokens is None:  # like OpenAI: the default never overflows the context by itself
+            max_tokens = max(1, min(self.cfg.default_max_tokens, self.max_model_len - len(ids)))
+        protocol.check_context(len(ids), max_tokens, self.max_model_len, req["kind"])
+        temperature = req.get("temperature")
+        try:
+            params = SamplingParams(
+                max_tokens=max_tokens, temperature=self.cfg.default_temperature if temperature is None else temperature,
+                top_p=1.0 if req.get("top_p") is None else req["top_p"], stop=req.get("stop"), seed=req.get("seed"),
+                presence_penalty=req.get("presence_penalty") or 0.0,
+                frequency_penalty=req.get("frequency_penalty") or 0.0)
+        except (ValueError, TypeError) as e:
+            raise ApiError(400, f"invalid sampling parameters: {e}") from None
+        meta = {"compression_ratio": rt.ratio, "prompt_tokens": len(ids),
+                "tokenskip": {"compression_ratio": rt.ratio, "source": rt.source, "adapter": adapter_id,
+                              "expected_cot_tokens": rt.expected_cot_tokens, "budget_fits": rt.budget_fits,
+                              "valid_ratios": list(ratios)}}
+        if req.get("return_prompt"):
+            meta["tokenskip"]["prompt"] = text
+        return rt, TokensPrompt(prompt_token_ids=ids), meta, (params, loaded.lora_request if loaded else None)
+
+    async def _generate(self, prompt_in: Any, params: Any, request_id: str, lora: Any):
+        try:
+            async for out in self.engine.generate(prompt_in, params, request_id, lora_request=lora):
+                yield out
+        except Exception as e:
+            api = self._engine_error(e)
+            if api is None:
+                raise
+            log.warning("request %s failed in the engine: %r", request_id, e)
+            raise api from None
+
+    # -- generation ----------------------------------------------------------------
+    async def complete(self, req: dict) -> dict:
+        from vllm.sampling_params import RequestOutputKind
+
+        _, prompt_in, meta, (params, lora) = await self._prepare(req)
+        params.output_kind = RequestOutputKind.FINAL_ONLY
+        final = None
+        async for out in self._generate(prompt_in, params, req["request_id"], lora):
+            final = out
+        c = final.outputs[0]
+        return {**meta, "text": c.text, "completion_tokens": len(c.token_ids), "finish_reason": c.finish_reason}
+
+    async def stream(self, req: dict) -> AsyncGenerator[dict, None]:
+        """First item: metadata (errors surface before any SSE byte is sent); then deltas."""
+        from vllm.sampling_params import RequestOutputKind
+
+        _, prompt_in, meta, (params, lora) = await self._prepare(req)
+        params.output_kind = RequestOutputKind.DELTA
+        yield {"type": "start", **meta}
+        n = 0
+        async for out in self._generate(prompt_in, params, req["request_id"], lora):
+            c = out.outputs[0]
+            n += len(c.token_ids)
+            if c.text or c.finish_reason:
+                yield {"type": "delta", "text": c.text, "finish_reason": c.finish_reason, "completion_tokens": n}
