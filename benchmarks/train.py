@@ -243,8 +243,8 @@ def grouping(args) -> int:
     print(f"\n{'batches':<10} {'real tok/s':>10} {'processed tok/s':>16} {'real share':>11}")
     for r in results:
         print(
-            f"{'grouped' if r['group_by_length'] else 'shuffle':<10} {r['tokens_per_s']:>10} {r['processed_tokens_per_s']:>16} "
-            f"{r['real_token_share']:>11}"
+            f"{'grouped' if r['group_by_length'] else 'shuffle':<10} {r['tokens_per_s']:>10} "
+            f"{r['processed_tokens_per_s']:>16} {r['real_token_share']:>11}"
         )
     print(f"\nreal tokens/s grouped / shuffle = {ratio:.2f}")
     out = Path(args.out or "benchmarks/results/train_grouping_cpu.json")

@@ -479,7 +479,8 @@ def train_loop_per_worker(config: dict) -> None:
     _rank0_log(
         rank,
         f"workers={world} rows={n_local} ({len(rows)} here) accum={accum} steps/epoch={per_epoch} total={total} "
-        f"strategy={cfg.strategy}{'-zero' + str(cfg.zero_stage) if cfg.strategy == 'deepspeed' else ''} precision={runner.precision}",
+        f"strategy={cfg.strategy}{'-zero' + str(cfg.zero_stage) if cfg.strategy == 'deepspeed' else ''} "
+        f"precision={runner.precision}",
     )
 
     mb = cfg.micro_batch_size

@@ -91,7 +91,7 @@ def test_fingerprint_of_a_stage_that_wrote_nothing_is_replaced(tmp_path):
         A.skip_if_finished(stage, config={"input": "wrong/path"})
 
 
-# --------------------------------------------------------------------------- no stage deletes what it doesn't own (#15.7)
+# ------------------------------------------------------------- no stage deletes what it doesn't own (#15.7)
 
 
 def _tree(root):
@@ -209,8 +209,8 @@ def test_second_writer_is_refused(tmp_path):
             sys.executable,
             "-c",
             (
-                "import sys, time; from tokenskip import artifacts as A; A.acquire_lock(sys.argv[1]); print('held', flush=True); "
-                "sys.stdin.readline()"
+                "import sys, time; from tokenskip import artifacts as A; A.acquire_lock(sys.argv[1]); "
+                "print('held', flush=True); sys.stdin.readline()"
             ),
             str(stage),
         ],

@@ -598,7 +598,8 @@ def acquire_lock(stage_dir: str | os.PathLike) -> bool:
             f"{d}: another run is writing this stage directory (lock {path} held by {holder}); "
             "wait for it to finish or stop it"
         ) from None
-    info = f"pid {os.getpid()} on {socket.gethostname()} since {_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}"
+    since = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    info = f"pid {os.getpid()} on {socket.gethostname()} since {since}"
     os.ftruncate(fd, 0)
     os.pwrite(fd, info.encode(), 0)
     _HELD[key] = fd

@@ -167,8 +167,8 @@ class GenerateConfig:
     max_concurrent_batches: int = field(
         default=16,
         metadata={
-            "help": "ray_data_llm: batches in flight per engine; keep batch_size x this above the engine's max_num_seqs "
-            "so rows queue in the engine while a batch waits for its slowest row"
+            "help": "ray_data_llm: batches in flight per engine; keep batch_size x this above the engine's "
+            "max_num_seqs so rows queue in the engine while a batch waits for its slowest row"
         },
     )
     shard_rows: int = field(default=64, metadata={"help": "rows per committed output part (the resume granularity)"})
@@ -464,7 +464,8 @@ class EvalConfig:
     merge_adapter: str = field(
         default="auto",
         metadata={
-            "help": "auto (merge the LoRA into the weights on CPU, where vLLM's LoRA path is ~20x slower) | true | false"
+            "help": "auto (merge the LoRA into the weights on CPU, where vLLM's LoRA path is ~20x slower) "
+            "| true | false"
         },
     )
     placement: str = field(

@@ -38,18 +38,21 @@ def validate_rows(rows: Sequence[dict], source: str = "<rows>") -> None:
     >>> validate_rows([{"user": "u", "ratio": 1.0}], "t.parquet")
     Traceback (most recent call last):
     ...
-    tokenskip.training.TrainDataError: t.parquet: missing column(s) ['completion'] (row 0 has ['ratio', 'user']; required: user, completion, ratio)
+    tokenskip.training.TrainDataError: t.parquet: missing column(s) ['completion'] (row 0 has ['ratio', 'user'];
+    required: user, completion, ratio)
     >>> validate_rows([{"user": "u", "completion": None, "ratio": 1.0}], "t.parquet")
     Traceback (most recent call last):
     ...
-    tokenskip.training.TrainDataError: t.parquet: row 0 (id None): field 'completion' must be a non-empty string, got None
+    tokenskip.training.TrainDataError: t.parquet: row 0 (id None): field 'completion' must be a non-empty string,
+    got None
     """
     if not rows:
         raise TrainDataError(f"{source}: the training set is empty (0 rows)")
     missing = [c for c in REQUIRED_COLUMNS if c not in rows[0]]
     if missing:
         raise TrainDataError(
-            f"{source}: missing column(s) {missing} (row 0 has {sorted(rows[0])}; required: {', '.join(REQUIRED_COLUMNS)})"
+            f"{source}: missing column(s) {missing} (row 0 has {sorted(rows[0])}; "
+            f"required: {', '.join(REQUIRED_COLUMNS)})"
         )
     from tokenskip import gamma
 
@@ -170,7 +173,8 @@ def grad_accum_steps(global_batch: int, micro_batch: int, world_size: int) -> in
     per_step = micro_batch * world_size
     if global_batch % per_step:
         raise ValueError(
-            f"global_batch_size {global_batch} is not a multiple of micro_batch_size {micro_batch} x workers {world_size}"
+            f"global_batch_size {global_batch} is not a multiple of micro_batch_size {micro_batch} "
+            f"x workers {world_size}"
         )
     return global_batch // per_step
 
@@ -192,7 +196,8 @@ def total_steps(
     per_epoch = rows_per_rank // (micro_batch * accum)
     if per_epoch < 1:
         raise ValueError(
-            f"too few rows per worker ({rows_per_rank}) for one optimizer step (micro_batch {micro_batch} x accumulation {accum})"
+            f"too few rows per worker ({rows_per_rank}) for one optimizer step "
+            f"(micro_batch {micro_batch} x accumulation {accum})"
         )
     total = max(1, int(math.floor(per_epoch * epochs)))
     if max_steps is not None:
@@ -240,7 +245,8 @@ def length_grouped_order(lengths: Sequence[int], epoch: int, seed: int, micro_ba
     first), then the micro-batches shuffled among themselves so lengths don't trend over the epoch.
 
     >>> o = length_grouped_order([5, 50, 6, 52, 7, 49, 51, 4], 0, 1, micro_batch=2, mega=4)
-    >>> sorted(o) == list(range(8)), sorted(sorted([5, 50, 6, 52, 7, 49, 51, 4][i] for i in o[k:k + 2]) for k in range(0, 8, 2))
+    >>> lengths = [5, 50, 6, 52, 7, 49, 51, 4]
+    >>> sorted(o) == list(range(8)), sorted(sorted(lengths[i] for i in o[k:k + 2]) for k in range(0, 8, 2))
     (True, [[4, 5], [6, 7], [49, 50], [51, 52]])
     """
     import random

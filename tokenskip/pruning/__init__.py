@@ -122,24 +122,18 @@ def prune_scored(
         return _prune_budget(
             scored, scorer, ratios, force_tokens, force_reserve_digit, protect, count_words, count_text
         )
-    cws = []
-    for c in scored.chunks:
-        w = merge_words(
-            c.tokens,
-            c.probs,
-            scorer.family,
-            force_tokens,
-            scored.token_map,
-            force_reserve_digit,
-            offsets=c.offsets,
-            text=scored.text,
-            use_spans=scorer.use_spans,
-        )
-        cws.append(ChunkWords.from_words(w, text=c.text, force_tokens=force_tokens))
+    cws = [ChunkWords.from_words(w, text=c.text, force_tokens=force_tokens)
+           for c, w in zip(scored.chunks, _chunk_words(scored, scorer, force_tokens, force_reserve_digit))]
     res = prune_chunks(cws, ratios, drop_consecutive, detok=scorer.detok, text=scored.text, token_map=scored.token_map)
     if not scored.text.strip():
         res = {r: (res[r] if r >= 1.0 else "") for r in ratios}
     return res
+
+
+def _chunk_words(scored: ScoredText, scorer: Scorer, force_tokens: Sequence[str], force_reserve_digit: bool) -> list:
+    """The words of each scored chunk (sub-tokens merged, force rules applied)."""
+    return [merge_words(c.tokens, c.probs, scorer.family, force_tokens, scored.token_map, force_reserve_digit,
+                        offsets=c.offsets, text=scored.text, use_spans=scorer.use_spans) for c in scored.chunks]
 
 
 def _prune_budget(
@@ -160,18 +154,7 @@ def _prune_budget(
     if not text.strip():
         return {r: (text if r >= 1.0 else "") for r in ratios}
     words, probs, spans, n_tok, n_sep = [], [], [], [], 0
-    for c in scored.chunks:
-        w = merge_words(
-            c.tokens,
-            c.probs,
-            scorer.family,
-            force_tokens,
-            scored.token_map,
-            force_reserve_digit,
-            offsets=c.offsets,
-            text=text,
-            use_spans=True,
-        )
+    for w in _chunk_words(scored, scorer, force_tokens, force_reserve_digit):
         words += w.words
         probs.append(w.probs)
         spans.append(w.spans)

@@ -337,8 +337,8 @@ def _consecutive_force(cw: ChunkWords, above: np.ndarray) -> np.ndarray:
 def join_offsets(text: str, spans: np.ndarray, keep: np.ndarray) -> str:
     """Kept words from the original text, each after the whitespace that preceded it.
 
-    >>> join_offsets("He sold 48 clips.\\nThen 72.", np.array([[0, 2], [3, 7], [8, 10], [11, 16], [16, 17], [18, 22], [23, 25], [25, 26]]),
-    ...              np.array([1, 0, 1, 1, 0, 1, 1, 1], bool))
+    >>> spans = np.array([[0, 2], [3, 7], [8, 10], [11, 16], [16, 17], [18, 22], [23, 25], [25, 26]])
+    >>> join_offsets("He sold 48 clips.\\nThen 72.", spans, np.array([1, 0, 1, 1, 0, 1, 1, 1], bool))
     'He 48 clips\\nThen 72.'
     """
     parts: list[str] = []
@@ -418,7 +418,8 @@ def word_tiers(words: Sequence[str], protect: str = "numbers", spans: np.ndarray
     >>> sp = np.array([[0, 2], [2, 3], [3, 4], [5, 6], [7, 9], [10, 11], [12, 13]])
     >>> word_tiers(["48", "/", "2", "=", "24", "+", "tax"], spans=sp).tolist()
     [2, 2, 2, 2, 2, 1, 0]
-    >>> word_tiers(["$", "0", ".", "2", "x", "50", "."], spans=np.array([[0, 1], [1, 2], [2, 3], [3, 4], [5, 6], [7, 9], [9, 10]])).tolist()
+    >>> sp = np.array([[0, 1], [1, 2], [2, 3], [3, 4], [5, 6], [7, 9], [9, 10]])
+    >>> word_tiers(["$", "0", ".", "2", "x", "50", "."], spans=sp).tolist()
     [1, 2, 2, 2, 2, 2, 0]
     >>> word_tiers(["48"], protect="none").tolist()
     [0]
