@@ -263,14 +263,17 @@ def main(
             run_log.parent.mkdir(parents=True, exist_ok=True)
             with open(run_log, "a") as fh:
                 fh.write(Path(early).read_text(errors="replace"))
-        results, timings = run_stages(
-            job["steps"],
-            console,
-            ray_kwargs=job.get("ray"),
-            force=args.force,
-            force_stage=job.get("force_stage"),
-            in_pipeline=job.get("in_pipeline", False),
-        )
+        # Between two stages' logs (and after the last), late worker output such as a vLLM
+        # engine process's shutdown lines goes to the run log, not the console.
+        with capture(run_log):
+            results, timings = run_stages(
+                job["steps"],
+                console,
+                ray_kwargs=job.get("ray"),
+                force=args.force,
+                force_stage=job.get("force_stage"),
+                in_pipeline=job.get("in_pipeline", False),
+            )
         with capture(run_log):  # the results go to the console; anything else said on the way, to the log
             job["done"](results, timings, console)
         return EXIT_OK
