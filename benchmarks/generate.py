@@ -14,7 +14,7 @@ and Ray):
 
     flock /tmp/tokenskip-heavy.lock python -m benchmarks.generate --n 64 --ref-n 4
 
-The yield report (correct answers, rows ``build_sft`` keeps with ``cot_source: generated``)
+The yield report (correct answers, rows the ``cots`` stage keeps with ``cot_source: generated``)
 comes from (b)'s own output, e.g. the embedded model on 200 GSM8K train questions:
 
     python -m benchmarks.generate --split train --n 200 --ref-n 4 --json benchmarks/results/generate_cpu.json
@@ -126,15 +126,15 @@ def bench_ray_stage(
 
 
 def yield_report(gen_dir: str, max_cot_tokens: int) -> dict:
-    """What ``build_sft`` (cot_source: generated) keeps from the stage's output."""
+    """What the ``cots`` stage (cot_source: generated) keeps from the stage's output."""
     from pipelines.build_sft import select_cots
-    from tokenskip.config import BuildSFTConfig
+    from tokenskip.config import CotsConfig
 
-    cfg = BuildSFTConfig(
+    cfg = CotsConfig(
         cot_source="generated",
         generations=gen_dir,
         max_cot_tokens=max_cot_tokens,
-        cots_dir=str(Path(gen_dir).parent / "cots"),
+        output_dir=str(Path(gen_dir).parent / "cots"),
     )
     counts = select_cots(cfg, force=True)["counts"]
     return {
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--skip-bare", action="store_true")
     p.add_argument("--out-dir", help="keep the stage's output here (default: a temporary directory)")
-    p.add_argument("--max-cot-tokens", type=int, default=500, help="build_sft's length limit for the yield report")
+    p.add_argument("--max-cot-tokens", type=int, default=500, help="the cots stage's length limit for the yield report")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     from tokenskip import engine
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     y = res["yield"]
     print(
         f"  yield on {args.dataset}:{args.split} ({y['questions']} questions): {y['correct']} correct "
-        f"(accuracy {y['accuracy']}), {y['kept']} kept by build_sft (correct, <= {y['max_cot_tokens']} CoT tokens)"
+        f"(accuracy {y['accuracy']}), {y['kept']} kept by the cots stage (correct, <= {y['max_cot_tokens']} CoT tokens)"
     )
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))

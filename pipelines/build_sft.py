@@ -1,13 +1,14 @@
 """Stages 2 and 4: select CoTs for pruning, then build the SFT set.
 
-``select_cots``: keep correct generations whose CoT is within ``max_cot_tokens`` (or use
-the dataset's own solutions with ``cot_source: gold``) -> the ``cots`` stage directory
-that the prune stage reads.
+``select_cots`` (the ``cots`` stage, :class:`~tokenskip.config.CotsConfig`): keep correct
+generations whose CoT is within ``max_cot_tokens`` (or use the dataset's own solutions with
+``cot_source: gold``) -> the ``cots`` stage directory that the prune stage reads.
 
-``run_build_sft``: join each kept CoT with its pruned versions, draw γ per question
-(seeded; or keep every γ), format user turn and completion with :mod:`tokenskip.prompt`
-(via :mod:`tokenskip.sft`), split train/validation by question, write both files and
-the manifest (last).
+``run_build_sft`` (the ``build_sft`` stage, :class:`~tokenskip.config.BuildSFTConfig`): join
+each CoT of the ``cots`` directory with its pruned versions, draw γ per question (seeded; or
+keep every γ), format user turn and completion with :mod:`tokenskip.prompt` (via
+:mod:`tokenskip.sft`), split train/validation by question, write both files and the
+manifest (last).
 
 These stages are light (a tokenizer and a join), so they run in the driver without Ray;
 the heavy stages before them (generate, prune) are the Ray Data ones.
@@ -15,28 +16,16 @@ the heavy stages before them (generate, prune) are the Ray Data ones.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 from tokenskip import artifacts, data, gamma, sft
-from tokenskip.config import BuildSFTConfig
+from tokenskip.config import MOVED_KEYS, BuildSFTConfig, CotsConfig
 
 log = logging.getLogger("tokenskip.build_sft")
 
 COT_COLUMNS = ("id", "question", "gold", "kind", "cot", "cot_tokens")
-
-
-def cots_dir(cfg: BuildSFTConfig) -> Path:
-    if cfg.cots_dir:
-        return Path(cfg.cots_dir)
-    if not cfg.output_dir:
-        raise ValueError("build_sft: set cots_dir or output_dir (a pipeline config sets both from run_dir)")
-    return Path(cfg.output_dir).parent / "cots"
-
-
-# The cots stage reads only these keys of the shared build_sft config: changing the ratios
-# must not refuse a finished cots stage.
-_COTS_KEYS = ("generations", "data", "cot_source", "max_cot_tokens", "target_tokenizer")
 
 
 def _count_tokens(tokenizer_name: str, texts: list[str]) -> list[int]:
@@ -51,17 +40,19 @@ def _count_tokens(tokenizer_name: str, texts: list[str]) -> list[int]:
     return [len(e) for e in enc]
 
 
-def select_cots(cfg: BuildSFTConfig, force: bool = False) -> dict:
+def select_cots(cfg: CotsConfig, force: bool = False) -> dict:
     """Write the ``cots`` stage dir (rows: id, question, gold, kind, cot, cot_tokens)."""
-    out = cots_dir(cfg)
-    done = artifacts.skip_if_finished(out, force, {k: getattr(cfg, k) for k in _COTS_KEYS}, stage="cots")
+    if not cfg.output_dir:
+        raise ValueError("cots.output_dir is not set (a pipeline config sets it to <run_dir>/cots)")
+    out = Path(cfg.output_dir)
+    done = artifacts.skip_if_finished(out, force, cfg, stage="cots")
     if done is not None:
         return done
     kept: list[dict] = []
     rejects: list[dict] = []
     if cfg.cot_source == "generated":
         if not cfg.generations:
-            raise ValueError("build_sft.generations is not set (needed for cot_source: generated)")
+            raise ValueError("cots.generations is not set (needed for cot_source: generated)")
         gen_dir = Path(cfg.generations)
         artifacts.require_complete(gen_dir)
         rows = artifacts.read_rows(gen_dir)
@@ -146,15 +137,39 @@ def _pruned_index(pruned_dir: Path) -> dict[tuple[str, float], dict]:
     return index
 
 
+def _upgrade_fingerprint(out: Path, cfg: BuildSFTConfig) -> None:
+    """A build_sft directory fingerprinted while its config still held the cots stage's keys
+    (``MOVED_KEYS``) and read ``<output_dir>/../cots``: drop those keys and record the cots
+    directory, so that a stage finished then is reused, and a real change still refused."""
+    path = out / artifacts.FINGERPRINT
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    moved = set(MOVED_KEYS[BuildSFTConfig])
+    if not isinstance(old, dict) or old.get("_stage", "build_sft") != "build_sft" or "cot_source" not in old:
+        return
+    if old.get("cots_dir") is not None or Path(cfg.cots_dir).resolve() != (out.parent / "cots").resolve():
+        return  # it read another directory: leave the difference to check_fingerprint
+    kept = {k: v for k, v in old.items() if k.removeprefix("_upstream.").split(".")[0] not in moved}
+    new = artifacts.config_fingerprint(cfg, "build_sft")
+    kept.update({k: new[k] for k in ("cots_dir", "_upstream.cots_dir") if k in new})
+    artifacts.atomic_write_json(path, kept)
+    log.info("%s: fingerprint upgraded (the cots stage's keys moved to its own config)", out)
+
+
 def run_build_sft(cfg: BuildSFTConfig, force: bool = False) -> dict:
     """Join CoTs with pruned CoTs, draw γ, format, split, write train/validation + manifest."""
     if not cfg.output_dir:
         raise ValueError("build_sft.output_dir is not set (a pipeline config sets it from run_dir)")
+    if not cfg.cots_dir:
+        raise ValueError("build_sft.cots_dir is not set (a pipeline config sets it to <run_dir>/cots)")
     out = Path(cfg.output_dir)
+    _upgrade_fingerprint(out, cfg)
     done = artifacts.skip_if_finished(out, force, cfg)
     if done is not None:
         return done
-    cdir = cots_dir(cfg)
+    cdir = Path(cfg.cots_dir)
     artifacts.require_complete(cdir)
     cots = artifacts.read_rows(cdir)
     needs_pruned = any(gamma.canonical(r) < 1.0 for r in cfg.ratios)

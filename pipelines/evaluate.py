@@ -5,12 +5,19 @@ the adapter is attached per request (LoRARequest). Per condition: all questions 
 ``llm.generate`` call (batched throughput), then the first ``latency_samples`` questions
 one at a time (latency at batch size 1, the paper's measure). Truncation rows cut the
 original's saved greedy token ids; no generation is needed because a greedy run with a
-smaller ``max_tokens`` returns a prefix of the longer run.
+smaller ``max_tokens`` returns a prefix of the longer run. Budget-forcing rows cut the
+original's CoT the same way, append the answer sentence's opening and generate only the
+answer (one batched call per γ, ``force_answer_tokens`` new tokens at most). Hard budgets
+(``hard_budgets``) cap TokenSkip (routed to the γ that fits) and the base model at B tokens,
+again from the saved greedy outputs, and force an answer wherever the cap fired (one batched
+call per model over every budget).
 
-Outputs (``cfg.output_dir``): ``samples/<dataset>/<condition>.jsonl``, ``results.json``,
+Outputs (``cfg.output_dir``): ``samples/<dataset>/<condition>.jsonl`` (and
+``hard_budget-<B>-<tokenskip|base>.jsonl``), ``results.json``,
 ``table.md``, ``accuracy_vs_tokens.png``, ``ratio_adherence.png``, then ``manifest.json``.
 Every figure in results.json is recomputed by :mod:`tokenskip.evaluation` from the
-sample rows that are saved. Each generated condition also gets ``<condition>.meta.json``
+sample rows that are saved. Each generated condition (not the derived truncation, budget
+forcing and hard-budget rows, which are rebuilt from it) also gets ``<condition>.meta.json``
 (question ids, prompt hash, budget, latencies), written after its samples: a run restarted
 into the same directory (same fingerprint) reuses every condition saved so, and generates
 only the rest. ``--force`` wipes only a directory this stage owns.
@@ -181,12 +188,19 @@ def _load_datasets(cfg: EvalConfig) -> list[dict]:
         rows = load_questions(name, cfg.split, kind=kind, limit=cfg.limit).rows
         if not rows:
             raise EvalInputError(f"eval.datasets: {name!r} ({cfg.split}) has no questions")
+        max_len = cfg.max_new_tokens or default_max_new_tokens(kind)
+        over = [b for b in cfg.hard_budgets if b > max_len]
+        if over:
+            raise EvalInputError(
+                f"eval.hard_budgets: {over} exceed the {max_len} new tokens {name!r} is generated with "
+                "(set eval.max_new_tokens at least as large as the largest budget)"
+            )
         out.append(
             {
                 "name": name,
                 "kind": kind,
                 "rows": rows,
-                "max_new_tokens": cfg.max_new_tokens or default_max_new_tokens(kind),
+                "max_new_tokens": max_len,
             }
         )
     return out
@@ -200,13 +214,16 @@ def _max_lora_rank(adapter_meta: dict | None) -> int:
     return r
 
 
-def _generate(llm: Any, prompts: list[str], max_tokens: int, seed: int, lora: Any) -> list[dict]:
+def _generate(
+    llm: Any, prompts: list[str], max_tokens: int, seed: int, lora: Any, stop: list[str] | None = None
+) -> list[dict]:
     from tokenskip.engine import sampling_params
     from tokenskip.prompt import encode_prompt
 
     tok = llm.get_tokenizer()  # token ids, as training saw them (a text prompt could get a second BOS)
     inputs = [{"prompt_token_ids": encode_prompt(tok, p)} for p in prompts]
-    outs = llm.generate(inputs, sampling_params(max_tokens, 0.0, seed), lora_request=lora, use_tqdm=False)
+    extra = {"stop": stop, "include_stop_str_in_output": True} if stop else {}
+    outs = llm.generate(inputs, sampling_params(max_tokens, 0.0, seed, **extra), lora_request=lora, use_tqdm=False)
     return [
         {
             "output": o.outputs[0].text,
@@ -217,11 +234,13 @@ def _generate(llm: Any, prompts: list[str], max_tokens: int, seed: int, lora: An
     ]
 
 
-def _time_single(llm: Any, prompts: list[str], max_tokens: int, seed: int, lora: Any, label: str) -> list[float]:
+def _time_single(
+    llm: Any, prompts: list[str], max_tokens: int, seed: int, lora: Any, label: str, stop: list[str] | None = None
+) -> list[float]:
     times = []
     for i, p in enumerate(prompts):
         t0 = time.perf_counter()
-        _generate(llm, [p], max_tokens, seed, lora)
+        _generate(llm, [p], max_tokens, seed, lora, stop)
         times.append(time.perf_counter() - t0)
         log.info("  %s latency %d/%d: %.2f s", label, i + 1, len(prompts), times[-1])
     return times
@@ -361,6 +380,194 @@ def _truncate(
     return out
 
 
+def _forced_answers(
+    llm: Any, req: Any, prompts: list[str], cots: list[str], cap: int, seed: int
+) -> tuple[list[str], list[dict], float]:
+    """(forced prompts, answers, batch wall s): one batched call continuing each prompt + cut CoT +
+    the answer sentence's opening for at most ``cap`` tokens; each answer is cut where its box closes."""
+    forced = [evaluation.forced_prompt(p, c) for p, c in zip(prompts, cots)]
+    if not forced:
+        return forced, [], 0.0
+    tok = llm.get_tokenizer()
+    t0 = time.perf_counter()
+    gens = _generate(llm, forced, cap, seed, req, list(evaluation.ANSWER_STOP))
+    wall = time.perf_counter() - t0
+    answers = []
+    for g in gens:
+        ids, text, closed = evaluation.trim_answer_ids(
+            g["token_ids"], lambda x: tok.decode(x, skip_special_tokens=True)
+        )
+        answers.append(
+            {
+                "text": text,
+                "ids": ids,
+                "closed": closed,
+                "finish_reason": g["finish_reason"],
+                "generated": len(g["token_ids"]),
+            }
+        )
+    return forced, answers, wall
+
+
+def _forced_output(cot: str, cot_ids: list[int], answer: dict, tokenizer: Any) -> tuple[str, list[int]]:
+    """(output text, token ids) of a forced answer: the CoT, the answer opening, the answer."""
+    from tokenskip.prompt import forced_answer_text
+
+    head = forced_answer_text(cot)
+    opening = head[len(cot.rstrip()) :]
+    opening_ids = list(tokenizer(opening, add_special_tokens=False)["input_ids"])
+    return head + answer["text"], list(cot_ids) + opening_ids + list(answer["ids"])
+
+
+def _budget_force(
+    cond: evaluation.Condition,
+    original: list[dict],
+    original_latency: list[float],
+    llm: Any,
+    cfg: EvalConfig,
+    kind: str,
+    n_lat: int,
+    label: str,
+) -> tuple[list[dict], list[float], dict]:
+    """Budget forcing at γ: the original's first ⌊γ × CoT tokens⌋ tokens, the answer opening, and
+    the answer written by the base model. Returns (samples, latency per timed question, forcing pass)."""
+    from tokenskip.grading import grade_many
+
+    tok = llm.get_tokenizer()
+    kept = [evaluation.budget_cut_ids(s["token_ids"], s.get("cot_tokens"), cond.ratio) for s in original]
+    cots = [tok.decode(ids, skip_special_tokens=True) for ids in kept]
+    forced, answers, wall = _forced_answers(
+        llm, None, [s["prompt"] for s in original], cots, cfg.force_answer_tokens, cfg.seed
+    )
+    outputs = [_forced_output(c, k, a, tok) for c, k, a in zip(cots, kept, answers)]
+    grades = grade_many([o[0] for o in outputs], [s["gold"] for s in original], kind, cfg.grader)
+    samples = []
+    for s, ids, a, (text, all_ids), gr in zip(original, kept, answers, outputs, grades):
+        base = {k: v for k, v in s.items() if k != "grader_verdicts"}
+        samples.append(
+            {
+                **base,
+                **({"grader_verdicts": gr.verdicts} if gr.verdicts else {}),
+                "condition": cond.id,
+                "ratio": cond.ratio,
+                "output": text,
+                "extracted": gr.extracted,
+                "correct": gr.correct,
+                "output_tokens": len(all_ids),
+                "cot_tokens": len(ids),
+                "source_tokens": s["output_tokens"],
+                "source_cot_tokens": s.get("cot_tokens"),
+                "finish_reason": "forced",
+                "answer_tokens": len(a["ids"]),
+                "answer_closed": a["closed"],
+                "answer_finish_reason": a["finish_reason"],
+                "token_ids": all_ids,
+            }
+        )
+    timed = min(n_lat, len(original_latency), len(forced))
+    force_lat = _time_single(
+        llm, forced[:timed], cfg.force_answer_tokens, cfg.seed, None, label, list(evaluation.ANSWER_STOP)
+    )
+    lat = [
+        evaluation.latency_share(original_latency[i], len(kept[i]), original[i]["output_tokens"]) + force_lat[i]
+        for i in range(timed)
+    ]
+    n_tok = sum(a["generated"] for a in answers)
+    thr = {
+        "pass": "forced answers only (the cut CoT is the original's)",
+        "wall_s": wall,
+        "output_tokens": n_tok,
+        "tokens_per_s": n_tok / wall if wall else None,
+        "samples_per_s": len(answers) / wall if wall else None,
+        "batch_size": len(answers),
+        "forcing_latency_each_s": force_lat,
+    }
+    return samples, lat, thr
+
+
+def _hard_budget(
+    model: str, routes: dict[int, dict], engines: "_Engines", cfg: EvalConfig, kind: str
+) -> dict[int, tuple[list[dict], dict]]:
+    """Every budget for one model (``tokenskip`` routed per budget, or ``base``): capped at B
+    tokens (from the saved greedy outputs when they were generated with at least B, else
+    generated), then one batched forcing call over every budget's capped outputs.
+    ``routes``: budget -> {"ratio", "source": (condition id, its samples, the budget it was generated with)}."""
+    from tokenskip.grading import grade_many
+    from tokenskip.prompt import split_answer
+
+    llm, req = engines.get(model == "tokenskip")
+    tok = llm.get_tokenizer()
+    capped: dict[int, list[dict]] = {}
+    for b, rt in routes.items():
+        src_id, src, src_budget = rt["source"]
+        if src_budget >= b:
+            items = []
+            for s in src:
+                ids, fired = evaluation.capped_ids(s["token_ids"], s["finish_reason"], b)
+                text = s["output"] if len(ids) == len(s["token_ids"]) else tok.decode(ids, skip_special_tokens=True)
+                items.append({"s": s, "ids": ids, "text": text, "fired": fired, "from": "saved greedy outputs"})
+        else:  # the source row was generated with fewer tokens than B: generate with max_tokens = B
+            gens = _generate(llm, [s["prompt"] for s in src], b, cfg.seed, req)
+            items = [
+                {"s": s, "ids": g["token_ids"], "text": g["output"], "fired": g["finish_reason"] == "length",
+                 "from": "generated"}
+                for s, g in zip(src, gens)
+            ]  # fmt: skip
+        for it in items:
+            cot = split_answer(it["text"])[0]
+            it["cot"] = cot
+            n = len(tok(cot, add_special_tokens=False)["input_ids"]) if cot else 0
+            it["cot_tokens"] = min(n, len(it["ids"]))
+            it["src_id"] = src_id
+        capped[b] = items
+    fired = [(b, i) for b, items in capped.items() for i, it in enumerate(items) if it["fired"]]
+    _, answers, wall = _forced_answers(
+        llm,
+        req,
+        [capped[b][i]["s"]["prompt"] for b, i in fired],
+        [capped[b][i]["cot"] for b, i in fired],
+        cfg.force_answer_tokens,
+        cfg.seed,
+    )
+    for (b, i), a in zip(fired, answers):
+        it = capped[b][i]
+        cot_ids = list(tok(it["cot"].rstrip(), add_special_tokens=False)["input_ids"]) if it["cot"].strip() else []
+        it["text"], it["ids"] = _forced_output(it["cot"], cot_ids[: it["cot_tokens"]], a, tok)
+        it["answer"] = a
+    out: dict[int, tuple[list[dict], dict]] = {}
+    for b, items in capped.items():
+        grades = grade_many([it["text"] for it in items], [it["s"]["gold"] for it in items], kind, cfg.grader)
+        rows = []
+        for it, gr in zip(items, grades):
+            s, a = it["s"], it.get("answer")
+            rows.append(
+                {
+                    "id": s["id"],
+                    "budget": b,
+                    "model": model,
+                    "ratio": routes[b].get("ratio"),
+                    "source_condition": it["src_id"],
+                    "capped_from": it["from"],
+                    "question": s["question"],
+                    "gold": s["gold"],
+                    "prompt": s["prompt"],
+                    "output": it["text"],
+                    "extracted": gr.extracted,
+                    "correct": gr.correct,
+                    "output_tokens": len(it["ids"]),
+                    "cot_tokens": it["cot_tokens"],
+                    "uncapped_cot_tokens": s.get("cot_tokens"),
+                    "forced": it["fired"],
+                    "finish_reason": "forced" if it["fired"] else "stop",
+                    **({"answer_closed": a["closed"], "answer_finish_reason": a["finish_reason"]} if a else {}),
+                    **({"grader_verdicts": gr.verdicts} if gr.verdicts else {}),
+                    "token_ids": it["ids"],
+                }
+            )
+        out[b] = (rows, {"forcing_pass": {"wall_s": wall, "size": len(fired), "budgets": list(routes)}})
+    return out
+
+
 class _Engines:
     """One vLLM engine at a time. With the adapter merged (CPU default), the base model
     and the merged model are two engines used one after the other; otherwise a single
@@ -425,6 +632,67 @@ class _Engines:
             gc.collect()
 
 
+def _run_hard_budgets_base(
+    cfg: EvalConfig, name: str, samples: dict[str, list[dict]], by_id: dict[str, dict], engines: _Engines, kind: str
+) -> dict[int, tuple[list[dict], dict]]:
+    """The base model (plain prompt) at every hard budget, from the original's greedy outputs."""
+    t0 = time.perf_counter()
+    budget = by_id["original"]["max_new_tokens"]
+    routes = {b: {"ratio": None, "source": ("original", samples["original"], budget)} for b in cfg.hard_budgets}
+    res = _hard_budget("base", routes, engines, cfg, kind)
+    log.info("[%s] hard budgets %s, base model: %.1f s", name, cfg.hard_budgets, time.perf_counter() - t0)
+    return res
+
+
+def _run_hard_budgets_tokenskip(
+    cfg: EvalConfig, name: str, samples: dict[str, list[dict]], by_id: dict[str, dict], engines: _Engines, kind: str
+) -> dict[int, tuple[list[dict], dict]]:
+    """TokenSkip at every hard budget, each routed to the largest γ whose measured CoT fits it."""
+    t0 = time.perf_counter()
+    ts_rows = [r for r in by_id.values() if r["method"] == "tokenskip"]
+    routes = {}
+    for b in cfg.hard_budgets:
+        rt = evaluation.route_budget(ts_rows, b)
+        cid = evaluation.condition_id("tokenskip", rt["ratio"])
+        routes[b] = {**rt, "source": (cid, samples[cid], by_id[cid]["max_new_tokens"])}
+    res = _hard_budget("tokenskip", routes, engines, cfg, kind)
+    log.info(
+        "[%s] hard budgets %s, TokenSkip routed to γ %s: %.1f s",
+        name,
+        cfg.hard_budgets,
+        [routes[b]["ratio"] for b in cfg.hard_budgets],
+        time.perf_counter() - t0,
+    )
+    for b in res:  # the route's figures go with the entry
+        res[b][1].update({k: routes[b][k] for k in ("ratio", "expected_cot_tokens", "fits")})
+    return res
+
+
+def _hard_budget_entries(cfg: EvalConfig, out: Path, name: str, hard: dict) -> list[dict]:
+    """Write each (budget, model) cell's samples; its figures in results.json's order (per B:
+    TokenSkip, then the base model)."""
+    entries = []
+    for b in cfg.hard_budgets:
+        for model in ("tokenskip", "base"):
+            rows, info = hard[model][b]
+            rel = f"samples/{name}/hard_budget-{b}-{model}.jsonl"
+            artifacts.write_rows(out / rel, rows, "jsonl")
+            entry = {
+                "budget": b,
+                "model": model,
+                "ratio": info.get("ratio"),
+                "fits": info.get("fits"),
+                "expected_cot_tokens": info.get("expected_cot_tokens"),
+                "source_condition": rows[0]["source_condition"] if rows else None,
+                "capped_from": rows[0]["capped_from"] if rows else None,
+                **evaluation.summarize_hard_budget(rows, b),
+                "forcing_pass": info["forcing_pass"],  # this model's one forcing call, every budget's answers
+                "samples_file": rel,
+            }
+            entries.append(entry)
+    return entries
+
+
 def evaluate_body(cfg: EvalConfig) -> dict:
     """Generate, grade and write everything; returns the manifest. Runs where it is called."""
     from tokenskip import grading as _grading
@@ -435,8 +703,10 @@ def evaluate_body(cfg: EvalConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     adapter_meta = check_adapter(cfg.adapter) if cfg.adapter else None
     datasets = _load_datasets(cfg)
-    conditions = evaluation.plan_conditions(cfg.ratios, cfg.baselines, BASELINE_PROMPTS)
-    gen_conds = [c for c in conditions if c.method != "truncation"]
+    conditions = evaluation.plan_conditions(
+        cfg.ratios, cfg.baselines, BASELINE_PROMPTS, need_original=bool(cfg.hard_budgets)
+    )
+    gen_conds = [c for c in conditions if c.method not in evaluation.DERIVED]
     total = len(gen_conds) * sum(len(d["rows"]) for d in datasets)
     log.info(
         "evaluate %s%s on %s: %d conditions, %d generations",
@@ -457,6 +727,8 @@ def evaluate_body(cfg: EvalConfig) -> dict:
         "split": cfg.split,
         "baselines": list(cfg.baselines),
         "budget_scales_with_ratio": cfg.budget_scales_with_ratio,
+        "force_answer_tokens": cfg.force_answer_tokens,
+        "hard_budgets": list(cfg.hard_budgets),
         "engine_start_s": engines.start_s,
         "adapter_merged": engines.merge,
         "datasets": {},
@@ -468,12 +740,40 @@ def evaluate_body(cfg: EvalConfig) -> dict:
         samples: dict[str, list[dict]] = {}
         cond_rows: list[dict] = []
         cache: dict[tuple, tuple[str, list[dict], list[float], dict]] = {}
-        order = sorted(conditions, key=lambda c: (c.method == "truncation", c.uses_adapter))
+        # base-model conditions first (the derived ones need the original, budget forcing and the
+        # base model's hard budgets its engine), then the adapter's: one engine switch at most
+        order = sorted(conditions, key=lambda c: (c.uses_adapter, c.method in evaluation.DERIVED))
         by_id: dict[str, dict] = {}
+        hard: dict[str, dict[int, tuple[list[dict], dict]]] = {}
+        extra_fields: dict[str, dict] = {}
         for cond in order:
+            if cfg.hard_budgets and "base" not in hard and cond.uses_adapter:
+                hard["base"] = _run_hard_budgets_base(cfg, name, samples, by_id, engines, kind)
             if cond.method == "truncation":
                 s = _truncate(cond, samples["original"], tokenizer, kind, cfg.grader)
                 lat, thr, reused = [], None, None
+            elif cond.method == "budget_forcing":
+                llm, _ = engines.get(False)
+                t0 = time.perf_counter()
+                s, lat, thr = _budget_force(
+                    cond,
+                    samples["original"],
+                    by_id["original"]["latency_each_s"],
+                    llm,
+                    cfg,
+                    kind,
+                    n_lat,
+                    f"[{name}] {cond.id}",
+                )
+                reused = None
+                extra_fields[cond.id] = {"force_answer_tokens": cfg.force_answer_tokens}
+                log.info(
+                    "[%s] %s: answers forced after the cut CoT for %d questions in %.1f s",
+                    name,
+                    cond.id,
+                    len(s),
+                    time.perf_counter() - t0,
+                )
             else:
                 extra = BASELINE_PROMPTS[cond.prompt_name] if cond.method == "prompt" else None
                 ratio = cond.ratio if cond.method == "tokenskip" else None
@@ -541,10 +841,11 @@ def evaluate_body(cfg: EvalConfig) -> dict:
                     lat = _time_single(llm, prompts[:n_lat], budget, cfg.seed, req, f"[{name}] {cond.id}")
                     cache[key] = (cond.id, gens, lat, thr)
                 s = _sample_rows(cond, rows, prompts, gens, kind, cfg.grader)
-            _add_cot_tokens(s, tokenizer)
+            if cond.method != "budget_forcing":  # budget forcing's CoT tokens are the kept tokens
+                _add_cot_tokens(s, tokenizer)
             samples[cond.id] = s
             artifacts.write_rows(out / "samples" / name / f"{cond.id}.jsonl", s, "jsonl")
-            if cond.method != "truncation":
+            if cond.method not in evaluation.DERIVED:
                 _save_condition_meta(out, name, cond.id, rows, prompts, budget, lat, thr, reused)
             fig = evaluation.summarize(s)
             by_id[cond.id] = {
@@ -559,15 +860,25 @@ def evaluate_body(cfg: EvalConfig) -> dict:
                 "latency_each_s": lat,
                 "throughput": thr,
                 "reused_from": reused,
-                "max_new_tokens": None if cond.method == "truncation" else budget,
+                "max_new_tokens": None if cond.method in evaluation.DERIVED else budget,
                 "samples_file": f"samples/{name}/{cond.id}.jsonl",
+                **extra_fields.get(cond.id, {}),
                 **_grading.disagreements(s),
             }  # grader: both
         cond_rows = [by_id[c.id] for c in conditions]
-        if "original" not in cfg.baselines:  # it ran only as the source of truncation
+        if "original" not in cfg.baselines:  # it ran only as the source of the derived rows
+            used_by = [
+                what
+                for what, on in (
+                    ("truncation", "truncation" in cfg.baselines),
+                    ("budget forcing", "budget_forcing" in cfg.baselines),
+                    ("hard budgets", bool(cfg.hard_budgets)),
+                )
+                if on
+            ]
             for r in cond_rows:
                 if r["id"] == "original":
-                    r["label"] = "Original (truncation source)"
+                    r["label"] = f"Original ({' / '.join(used_by)} source)"
         evaluation.attach_actual_ratios(cond_rows, samples)
         results["datasets"][name] = {
             "kind": kind,
@@ -577,6 +888,11 @@ def evaluate_body(cfg: EvalConfig) -> dict:
             "latency_samples": n_lat,
             "conditions": cond_rows,
         }
+        if cfg.hard_budgets:
+            if "base" not in hard:
+                hard["base"] = _run_hard_budgets_base(cfg, name, samples, by_id, engines, kind)
+            hard["tokenskip"] = _run_hard_budgets_tokenskip(cfg, name, samples, by_id, engines, kind)
+            results["datasets"][name]["hard_budget"] = _hard_budget_entries(cfg, out, name, hard)
 
     results["wall_s"] = time.perf_counter() - t_start
     results["engine_start_s"] = engines.start_s

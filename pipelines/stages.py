@@ -15,6 +15,8 @@ Adding a stage: a row here and the module with its ``run_<name>(cfg, force=...)`
 ['generate', 'cots', 'prune', 'build_sft']
 >>> plan(["build_sft", "train"])
 ['cots', 'build_sft', 'train']
+>>> {s.name: s.inputs for s in STAGES.values() if s.name in ("cots", "prune", "build_sft")}
+{'cots': {'generations': 'generate'}, 'prune': {'input': 'cots'}, 'build_sft': {'cots_dir': 'cots', 'pruned': 'prune'}}
 """
 
 from __future__ import annotations
@@ -107,7 +109,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "cots",
             "selecting CoTs (graded, length-filtered, or gold)",
-            "build_sft",
+            "cots",
             "pipelines.build_sft:select_cots",
             inputs={"generations": "generate"},
             outputs=("data.parquet", "rejects.jsonl"),
@@ -132,8 +134,7 @@ STAGES: dict[str, Stage] = {
             "building the SFT set (γ per question, train/validation)",
             "build_sft",
             "pipelines.build_sft:run_build_sft",
-            # and <run_dir>/cots: cots_dir unset means output_dir/../cots (pipelines.build_sft.cots_dir)
-            inputs={"generations": "generate", "pruned": "prune"},
+            inputs={"cots_dir": "cots", "pruned": "prune"},
             outputs=("train.parquet", "validation.parquet"),
             errors=_INPUT_ERRORS,
             summary=lambda m: _counts(m, "cots", "train", "validation", "rejected"),
@@ -190,12 +191,3 @@ def stage_config(pipe: Any, name: str) -> Any:
     if hasattr(cfg, "ray") and not cfg.ray:
         changes["ray"] = dict(pipe.ray)
     return dataclasses.replace(cfg, **changes) if changes else cfg
-
-
-def output_dir(cfg: Any, name: str) -> str:
-    """Where stage ``name`` with config ``cfg`` writes."""
-    if name == "cots":
-        from pipelines.build_sft import cots_dir
-
-        return str(cots_dir(cfg))
-    return str(cfg.output_dir)

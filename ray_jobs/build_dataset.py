@@ -4,9 +4,9 @@
 The data half of TokenSkip from one ``kind: pipeline`` YAML: generate (Ray Data + vLLM)
 -> select CoTs (grade + length filter, or gold solutions) -> prune (every γ from one
 scoring pass) -> build the SFT set (γ per question, train/validation split). Only the
-stages named in ``stages`` among generate / prune / build_sft run; the CoT selection runs
-whenever prune or build_sft does. Every stage is skipped when its manifest exists, so a
-re-run after a crash resumes; ``--force`` redoes every stage.
+stages named in ``stages`` among generate / cots / prune / build_sft run; the CoT selection
+(``cots``) runs whenever prune or build_sft does. Every stage is skipped when its manifest
+exists, so a re-run after a crash resumes; ``--force`` redoes every stage.
 
 Outputs: ``<run_dir>/generate``, ``<run_dir>/cots``, ``<run_dir>/prune``, ``<run_dir>/build_sft``
 (logs in ``<run_dir>/logs/``).
@@ -27,7 +27,7 @@ DATA_STAGES = ("generate", "cots", "prune", "build_sft")
 
 def plan(pipe) -> list[str]:
     """The data stages of ``pipe`` to run, in order."""
-    return [s for s in stage_plan(set(pipe.stages) & {"generate", "prune", "build_sft"}) if s in DATA_STAGES]
+    return [s for s in stage_plan(set(pipe.stages) & set(DATA_STAGES)) if s in DATA_STAGES]
 
 
 def run(pipe, force: bool = False) -> dict:

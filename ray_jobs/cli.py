@@ -14,12 +14,13 @@ import sys
 # subcommand -> (module with main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("ray_jobs.generate", "generate CoTs with the target model (Ray Data + vLLM)"),
+    "cots": ("ray_jobs.cots", "select the CoTs to prune (correct generations within max_cot_tokens, or gold)"),
     "prune": ("ray_jobs.prune", "prune CoTs at every ratio γ from one scoring pass (Ray Data actors)"),
-    "build-sft": ("ray_jobs.build_dataset", "generate -> prune -> build the SFT set from one YAML"),
+    "build-sft": ("ray_jobs.build_dataset", "generate -> cots -> prune -> build the SFT set from one YAML"),
     "train": ("ray_jobs.train", "LoRA SFT on Ray Train (+ DeepSpeed ZeRO)"),
     "eval": ("ray_jobs.evaluate", "accuracy / tokens / latency / actual ratio per γ, with baselines"),
     "serve": ("serving.run", "start the OpenAI-compatible γ-routed Serve app locally"),
-    "pipeline": ("ray_jobs.pipeline", "the whole experiment: generate -> prune -> build -> train -> evaluate"),
+    "pipeline": ("ray_jobs.pipeline", "the whole experiment: generate -> cots -> prune -> build -> train -> evaluate"),
     "plan-memory": ("tokenskip.memory", "per-GPU memory estimate for a model / ZeRO stage / GPU count"),
     "assets": ("ray_jobs.cli", "list (and with `prepare`, convert) the embedded offline assets"),
 }

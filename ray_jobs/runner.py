@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipelines import progress
-from pipelines.stages import STAGES, Stage, output_dir, stage_config
+from pipelines.stages import STAGES, Stage, stage_config
 from ray_jobs.console import Console, ConsoleWarnings, capture, unwatch_ray_output, verbose_from_env, watch_ray_output
 
 log = logging.getLogger("tokenskip.runner")
@@ -159,7 +159,7 @@ def run_stages(
             st = STAGES[name]
             if force_stage and name == force_stage:
                 forcing = True
-            out = Path(output_dir(cfg, name))
+            out = Path(str(cfg.output_dir))
             log_path = None if verbose else str(out.parent / "logs" / f"{name}.log")
             last_log = log_path
             label = _stage_label(i, len(steps), name)
@@ -258,8 +258,8 @@ def main(
             raise
         run_log = None
         if early and job["steps"]:
-            name, cfg = job["steps"][0]
-            run_log = Path(output_dir(cfg, name)).parent / "logs" / "run.log"
+            _, cfg = job["steps"][0]
+            run_log = Path(str(cfg.output_dir)).parent / "logs" / "run.log"
             run_log.parent.mkdir(parents=True, exist_ok=True)
             with open(run_log, "a") as fh:
                 fh.write(Path(early).read_text(errors="replace"))

@@ -96,6 +96,8 @@ class AdapterInfo:
     ratios: list[float]
     expected_cot_tokens: dict[float, float] = field(default_factory=dict)
     source: str = ""
+    efforts: dict[str, float] | None = None  # reasoning_effort -> γ (None: efforts_error says why not)
+    efforts_error: str | None = None
 
 
 def _remote_listing(fs: Any, path: str) -> list[tuple[str, int, int]]:
@@ -263,4 +265,31 @@ class AdapterResolver:
                     param="model",
                     code="adapter_invalid",
                 ) from None
-        return AdapterInfo(adapter_id, local, list(ratios), table, src)
+        efforts, efforts_error = None, None
+        try:
+            efforts = self.cfg.efforts_for(adapter_id, list(ratios))
+        except ValueError as e:  # an app-wide map that this adapter (under adapter_root) can't honour
+            log.error("adapter %s: %s", adapter_id, e)
+            efforts_error = str(e)
+        return AdapterInfo(adapter_id, local, list(ratios), table, src, efforts, efforts_error)
+
+
+def check_efforts(cfg: Any, resolver: AdapterResolver | None = None) -> None:
+    """Fail closed at deploy time: every configured adapter that a configured reasoning_effort
+    map applies to is resolved (its card read) and the map checked against its trained ratios;
+    a mapped γ it was not trained for, or an adapter whose ratios can't be read, is a
+    :class:`~tokenskip.config.ConfigError` naming the adapter and the entry."""
+    from tokenskip.config import ConfigError
+
+    resolver = resolver or AdapterResolver(cfg)
+    for spec in cfg.adapters:
+        if not (cfg.reasoning_effort or spec.reasoning_effort):
+            continue  # the default map is derived from the ratios: always valid
+        try:
+            info = resolver.resolve(spec.name)
+        except ApiError as e:
+            raise ConfigError(
+                f"adapters[{spec.name}]: cannot read its trained ratios to check reasoning_effort: {e.message}"
+            ) from None
+        if info.efforts_error:
+            raise ConfigError(info.efforts_error)

@@ -13,13 +13,20 @@
   adapter to replicas that already hold it); γ routing + prompt rendering happen here,
   next to the tokenizer and the adapter's metadata.
 
-Prompt rendering (docs: serving/README.md): with ``compression_ratio`` (or ``max_cot_tokens``)
-the last user message is the question and becomes ``prompt.user_content(question, γ)`` — the
-TokenSkip instruction, the question, and the marker when γ < 1, as in training — then the
-tokenizer's chat template. Without them the messages go through the chat template unchanged.
-For ``/v1/completions`` a γ-routed prompt is treated the same way (a one-turn chat); a plain
-one is raw text. The γ used comes back as top-level ``compression_ratio`` (every stream chunk
-carries it too) and in ``tokenskip`` (source, expected CoT tokens, adapter).
+Prompt rendering (docs: serving/README.md): with ``compression_ratio`` (or a budget:
+``max_cot_tokens`` / ``thinking_token_budget`` / ``max_thinking_tokens``, or
+``reasoning_effort`` mapped through the adapter's trained ratios) the last user message is the
+question and becomes ``prompt.user_content(question, γ)`` — the TokenSkip instruction, the
+question, and the marker when γ < 1, as in training — then the tokenizer's chat template.
+Without them the messages go through the chat template unchanged. For ``/v1/completions`` a
+γ-routed prompt is treated the same way (a one-turn chat); a plain one is raw text. The γ used
+comes back as top-level ``compression_ratio`` (every stream chunk carries it too) and in
+``tokenskip`` (source, expected CoT tokens, adapter; the outcome — reasoning tokens, realized
+ratio, whether a hard budget's cap fired — non-stream and on the streamed chunk with the finish
+reason); ``usage.completion_tokens_details.reasoning_tokens`` counts the CoT. A hard budget
+(``"budget": "hard"`` or the app's ``hard_budget``) is two engine calls in the model replica:
+the CoT capped at the budget, then — when the cap cut it before the answer sentence — the
+forced answer opening and a short answer (:mod:`serving.protocol` decides).
 
 Failures: a client mistake is a 4xx naming its ``param``; an engine that died or a replica
 that is gone is a 503 with ``Retry-After`` (the replica's health check then fails and Serve
@@ -43,7 +50,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from serving import protocol
-from serving.adapters import AdapterResolver, adapter_exists
+from serving.adapters import AdapterResolver, adapter_exists, check_efforts
 from serving.config import ServeAppConfig
 from serving.model import LoadedAdapter, TokenSkipModelImpl
 from serving.protocol import parse_request  # noqa: F401  (the request validator; re-exported)
@@ -161,6 +168,10 @@ class OpenAIIngress:
                                    tag_keys=("endpoint", "adapter", "gamma"))
         self.m_ttft = Histogram("tokenskip_time_to_first_token_s", description="streaming time to first token (s)",
                                 boundaries=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10], tag_keys=("endpoint", "adapter"))
+        self.m_hard = Counter("tokenskip_hard_budget_requests",
+                              description="hard-budget requests, by whether the cap fired (the CoT reached the budget "
+                                          "without the answer sentence, so the answer's opening was forced)",
+                              tag_keys=("endpoint", "adapter", "gamma", "fired"))
 
     # -- helpers ---------------------------------------------------------------
     def _error(self, e: ApiError) -> JSONResponse:
@@ -172,6 +183,10 @@ class OpenAIIngress:
 
     def _count(self, endpoint: str, req: dict | None, gamma: Any, status: int) -> None:
         self.m_requests.inc(tags={**self._tags(endpoint, req, gamma), "status": str(status)})
+
+    def _count_hard_budget(self, tags: dict[str, str], tsk: dict | None) -> None:
+        if tsk and "hard_cap_fired" in tsk:  # present only on hard-budget requests
+            self.m_hard.inc(tags={**tags, "fired": "true" if tsk["hard_cap_fired"] else "false"})
 
     def _succeeded(self, gamma: float | None) -> None:
         if gamma is not None:  # a γ the model accepted (route() validated it): a label from now on
@@ -255,6 +270,7 @@ class OpenAIIngress:
         self.m_requests.inc(tags={**tags, "status": "200"})
         self.m_tokens.inc(out["completion_tokens"], tags=tags)
         self.m_latency.observe(time.perf_counter() - t0, tags=tags)
+        self._count_hard_budget(tags, out.get("tokenskip"))
         return _JSON(protocol.completion_body(req, out, protocol.model_name(self.cfg.model_id, req["adapter"])))
 
     async def _stream(self, req: dict, endpoint: str, t0: float):
@@ -273,7 +289,7 @@ class OpenAIIngress:
             return protocol.sse(protocol.stream_chunk(req, model, created, gamma, text, finish, **kw))
 
         async def events() -> AsyncGenerator[str, None]:
-            n, first_at, status = 0, None, 499  # 499 until it ends: a client that went away
+            n, first_at, status, reasoning = 0, None, 499, None  # 499 until it ends: a client that went away
             try:
                 yield chunk(None, None, first=start["tokenskip"])
                 async for item in gen:
@@ -281,10 +297,13 @@ class OpenAIIngress:
                         first_at = time.perf_counter()
                         self.m_ttft.observe(first_at - t0, tags={"endpoint": endpoint, "adapter": tags["adapter"]})
                     n = item["completion_tokens"]
-                    yield chunk(item["text"], item["finish_reason"])
+                    final = item.get("tokenskip")  # the last delta: the outcome (reasoning tokens, hard cap)
+                    if final is not None:
+                        reasoning = item.get("reasoning_tokens")
+                        self._count_hard_budget(tags, final)
+                    yield chunk(item["text"], item["finish_reason"], final=final)
                 if req["include_usage"]:
-                    yield chunk(None, None, usage={"prompt_tokens": start["prompt_tokens"], "completion_tokens": n,
-                                                   "total_tokens": start["prompt_tokens"] + n})
+                    yield chunk(None, None, usage=protocol.usage(start["prompt_tokens"], n, reasoning))
                 yield protocol.SSE_DONE
                 status = 200
             except Exception as e:  # mid-stream failure: the status line is sent already; report in-band
@@ -345,10 +364,12 @@ class OpenAIIngress:
 def build_app(args: dict | None = None):
     """Application builder: ``serve run serving.app:build_app`` / ``import_path`` in a Serve config.
 
-    A configured key source without keys stops the build here (``ConfigError`` naming the
-    variable), before any replica starts."""
+    A configured key source without keys, or a ``reasoning_effort`` map that maps an effort
+    to a γ an adapter was not trained for, stops the build here (``ConfigError`` naming the
+    variable or the entry), before any replica starts."""
     cfg = ServeAppConfig.from_dict(args)
     cfg.valid_api_keys()
+    check_efforts(cfg)  # a reasoning_effort map that an adapter can't honour stops the deploy here
     plain = cfg.to_dict()
     model = model_deployment(cfg.max_adapters_per_replica)
     if cfg.model_deployment:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from serving.routing import parse_ratio_table
+from serving.routing import effort_map, parse_effort_config, parse_ratio_table
 from tokenskip import gamma
 from tokenskip.config import ConfigError, _build, to_dict
 
@@ -45,6 +45,10 @@ class AdapterSpec:
         default=None,
         metadata={"help": "which evaluated dataset's CoT lengths route budgets (default: the first one evaluated)"},
     )
+    reasoning_effort: dict | None = field(
+        default=None,
+        metadata={"help": "effort -> γ for this adapter (over the app's reasoning_effort and the defaults)"},
+    )
 
     def __post_init__(self) -> None:
         from serving.adapters import validate_adapter_id
@@ -62,6 +66,13 @@ class AdapterSpec:
             self.expected_cot_tokens = parse_ratio_table(
                 self.expected_cot_tokens, f"adapters[{self.name}].expected_cot_tokens"
             )
+        if self.reasoning_effort is not None:
+            try:
+                self.reasoning_effort = parse_effort_config(
+                    self.reasoning_effort, f"adapters[{self.name}].reasoning_effort"
+                )
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
 
 
 @dataclass
@@ -89,6 +100,22 @@ class ServeAppConfig:
     )
     base_ratios: list[float] = field(default_factory=lambda: [1.0], metadata={"help": "valid γ for the base model"})
     base_expected_cot_tokens: dict | None = None
+    reasoning_effort: dict | None = field(
+        default=None,
+        metadata={
+            "help": "effort -> γ for every adapter (minimal/low/medium/high; null removes one); default: high -> "
+            "1.0, medium -> the middle trained γ, low -> the smallest; checked against the trained ratios at start"
+        },
+    )
+    base_reasoning_effort: dict | None = field(
+        default=None, metadata={"help": "effort -> γ for the base model (checked against base_ratios)"}
+    )
+    hard_budget: bool = field(
+        default=False, metadata={"help": "budgets are hard caps unless a request says budget: soft"}
+    )
+    hard_budget_answer_tokens: int = field(
+        default=24, metadata={"help": "tokens the model may write after a forced answer opening"}
+    )
     default_max_tokens: int = 512
     default_temperature: float = field(default=0.0, metadata={"help": "TokenSkip decodes greedily"})
     max_request_bytes: int = field(default=1 << 20, metadata={"help": "bigger bodies get 413"})
@@ -116,13 +143,25 @@ class ServeAppConfig:
             self.model_id = os.path.basename(str(self.model).rstrip("/")) or str(self.model)
         if ":" in self.model_id:
             raise ConfigError(f"model_id {self.model_id!r} must not contain ':' (it separates base and adapter)")
-        for name in ("max_lora_rank", "max_adapters_per_replica", "default_max_tokens", "max_request_bytes"):
+        for name in ("max_lora_rank", "max_adapters_per_replica", "default_max_tokens", "max_request_bytes",
+                     "hard_budget_answer_tokens"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         self.default_ratios = gamma.normalize(self.default_ratios, "default_ratios")
         self.base_ratios = gamma.normalize(self.base_ratios, "base_ratios")
         if self.base_expected_cot_tokens is not None:
             self.base_expected_cot_tokens = parse_ratio_table(self.base_expected_cot_tokens, "base_expected_cot_tokens")
+        try:
+            if self.reasoning_effort is not None:
+                self.reasoning_effort = parse_effort_config(self.reasoning_effort, "reasoning_effort")
+            if self.base_reasoning_effort is not None:
+                self.base_reasoning_effort = parse_effort_config(self.base_reasoning_effort, "base_reasoning_effort")
+            effort_map(self.base_ratios, self.base_reasoning_effort, "base_reasoning_effort")
+            for a in self.adapters:  # adapters whose ratios the config gives; the others: check_efforts at start
+                if a.ratios is not None:
+                    self.efforts_for(a.name, a.ratios)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         queued = (self.ingress_deployment or {}).get("max_queued_requests", -1)
         if queued not in (None, -1):
             # A full ingress queue is answered by Serve's HTTP proxy itself (a plain-text 503),
@@ -177,3 +216,13 @@ class ServeAppConfig:
 
     def adapter(self, name: str) -> AdapterSpec | None:
         return next((a for a in self.adapters if a.name == name), None)
+
+    def efforts_for(self, adapter: str | None, ratios: list[float]) -> dict[str, float]:
+        """The effort → γ map of the base model (``adapter`` None) or an adapter with these
+        trained ``ratios``: the defaults, the app's ``reasoning_effort`` over them, the adapter's
+        own over that. ValueError naming the entry when a mapped γ is not a trained one."""
+        if adapter is None:
+            return effort_map(ratios, self.base_reasoning_effort, "base_reasoning_effort")
+        spec = self.adapter(adapter)
+        merged = {**(self.reasoning_effort or {}), **((spec.reasoning_effort or {}) if spec else {})}
+        return effort_map(ratios, merged, f"adapter {adapter!r}: reasoning_effort")

@@ -13,17 +13,46 @@ import asyncio
 import collections
 import itertools
 import logging
+from dataclasses import dataclass
 from typing import Any, AsyncGenerator
 
 from ray import serve
 
-from serving import protocol
+from serving import protocol, routing
 from serving.adapters import AdapterInfo, AdapterResolver
 from serving.config import ServeAppConfig
 from serving.routing import ApiError, Route, route
 from tokenskip import prompt as tsprompt
 
 log = logging.getLogger("tokenskip.serving")
+
+
+@dataclass
+class _Plan:
+    """A validated, rendered request: γ route, prompt ids, response metadata, the first call's
+    sampling params, the LoRA, the hard budget's CoT cap (None: soft), the request's max_tokens
+    and the expected-CoT table."""
+
+    route: Route
+    ids: list[int]
+    meta: dict
+    params: Any
+    lora: Any
+    cap: int | None
+    max_tokens: int
+    table: dict
+
+
+@dataclass
+class _Answer:
+    """What follows a hard-budget CoT call: whether the cap fired (the CoT used the budget
+    without the answer sentence), the forced text and its ids, and the answer call
+    ((prompt, params); None when no room is left)."""
+
+    fired: bool
+    forced: str
+    forced_ids: list[int]
+    call: tuple[Any, Any] | None
 
 
 class LoadedAdapter:
@@ -111,10 +140,20 @@ class TokenSkipModelImpl:
         await self.engine.check_health()  # raises once the engine died: Serve replaces the replica
 
     # -- request preparation -------------------------------------------------------
-    async def _prepare(self, req: dict) -> tuple[Route, Any, dict, Any]:
+    def _params(self, req: dict, max_tokens: int) -> Any:
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
 
+        temperature = req.get("temperature")
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens, temperature=self.cfg.default_temperature if temperature is None else temperature,
+                top_p=1.0 if req.get("top_p") is None else req["top_p"], stop=req.get("stop"), seed=req.get("seed"),
+                presence_penalty=req.get("presence_penalty") or 0.0,
+                frequency_penalty=req.get("frequency_penalty") or 0.0)
+        except (ValueError, TypeError) as e:
+            raise ApiError(400, f"invalid sampling parameters: {e}") from None
+
+    async def _prepare(self, req: dict) -> _Plan:
         adapter_id = req.get("adapter")
         loaded = None
         if adapter_id:
@@ -122,9 +161,17 @@ class TokenSkipModelImpl:
                 raise ApiError(400, "multiplexed model id does not match the request's adapter", param="model")
             loaded = await self.load_adapter(adapter_id)
             ratios, table = loaded.info.ratios, loaded.info.expected_cot_tokens
+            efforts = loaded.info.efforts
         else:
             ratios, table = self.cfg.base_ratios, self.cfg.base_expected_cot_tokens or {}
-        rt = route(req.get("compression_ratio"), req.get("max_cot_tokens"), ratios, table)
+            efforts = self.cfg.efforts_for(None, ratios)
+        if req.get("reasoning_effort") is not None and efforts is None:  # logged when the adapter was resolved
+            raise ApiError(500, f"adapter {adapter_id!r}: the app's reasoning_effort map does not fit its trained "
+                                "ratios (details in the server log)", param="model", code="adapter_invalid")
+        rt = route(req.get("compression_ratio"), req.get("max_cot_tokens"), ratios, table,
+                   reasoning_effort=req.get("reasoning_effort"), efforts=efforts,
+                   budget_param=req.get("budget_param") or "max_cot_tokens")
+        cap = protocol.hard_budget(req, self.cfg.hard_budget)
         text, special = protocol.render_text(self.tokenizer, req, rt.ratio)
         # A rendered prompt is tokenized like training did (tokenskip.prompt.encode_prompt);
         # a raw completion prompt as is.
@@ -133,22 +180,52 @@ class TokenSkipModelImpl:
         if max_tokens is None:  # like OpenAI: the default never overflows the context by itself
             max_tokens = max(1, min(self.cfg.default_max_tokens, self.max_model_len - len(ids)))
         protocol.check_context(len(ids), max_tokens, self.max_model_len, req["kind"])
-        temperature = req.get("temperature")
-        try:
-            params = SamplingParams(
-                max_tokens=max_tokens, temperature=self.cfg.default_temperature if temperature is None else temperature,
-                top_p=1.0 if req.get("top_p") is None else req["top_p"], stop=req.get("stop"), seed=req.get("seed"),
-                presence_penalty=req.get("presence_penalty") or 0.0,
-                frequency_penalty=req.get("frequency_penalty") or 0.0)
-        except (ValueError, TypeError) as e:
-            raise ApiError(400, f"invalid sampling parameters: {e}") from None
-        meta = {"compression_ratio": rt.ratio, "prompt_tokens": len(ids),
-                "tokenskip": {"compression_ratio": rt.ratio, "source": rt.source, "adapter": adapter_id,
-                              "expected_cot_tokens": rt.expected_cot_tokens, "budget_fits": rt.budget_fits,
-                              "valid_ratios": list(ratios)}}
+        # a hard budget caps the first call at B (the CoT); max_tokens still bounds the whole completion
+        params = self._params(req, max_tokens if cap is None else min(cap, max_tokens))
+        tsk = {"compression_ratio": rt.ratio, "source": rt.source, "adapter": adapter_id,
+               "expected_cot_tokens": rt.expected_cot_tokens, "budget_fits": rt.budget_fits,
+               "valid_ratios": list(ratios)}
+        if req.get("reasoning_effort") is not None:
+            tsk["reasoning_effort"] = req["reasoning_effort"]
+            tsk["reasoning_efforts"] = dict(efforts or {})
+        if req.get("max_cot_tokens") is not None:
+            tsk["budget"] = {"param": req.get("budget_param") or "max_cot_tokens", "tokens": req["max_cot_tokens"],
+                             "mode": "soft" if cap is None else "hard"}
         if req.get("return_prompt"):
-            meta["tokenskip"]["prompt"] = text
-        return rt, TokensPrompt(prompt_token_ids=ids), meta, (params, loaded.lora_request if loaded else None)
+            tsk["prompt"] = text
+        meta = {"compression_ratio": rt.ratio, "prompt_tokens": len(ids), "tokenskip": tsk}
+        return _Plan(rt, ids, meta, params, loaded.lora_request if loaded else None, cap, max_tokens, dict(table))
+
+    def _answer(self, req: dict, plan: _Plan, text: str, gen_ids: list[int], finish: str | None) -> _Answer | None:
+        """After the CoT call of a hard-budget request: the forced text and the answer call (None:
+        the request is done). The decisions are :mod:`serving.protocol`'s; this only tokenizes."""
+        if plan.cap is None or plan.cap >= plan.max_tokens:  # max_tokens, not the budget, bounds this request
+            return None
+        forced = protocol.answer_step(text, finish, len(gen_ids), plan.cap)
+        if forced is None:
+            return None
+        forced_ids = list(self.tokenizer(forced, add_special_tokens=False)["input_ids"]) if forced else []
+        used = len(gen_ids) + len(forced_ids)
+        n = protocol.answer_cap(self.cfg.hard_budget_answer_tokens, plan.max_tokens, used,
+                                self.max_model_len - len(plan.ids) - used)
+        if n <= 0:  # no room left for an answer: the request ends where the CoT stopped
+            return _Answer(bool(forced), "", [], None)  # (fired: the CoT hit the budget; nothing forced)
+        from vllm.inputs import TokensPrompt
+
+        prompt_in = TokensPrompt(prompt_token_ids=protocol.continuation_ids(plan.ids, gen_ids, forced_ids))
+        return _Answer(bool(forced), forced, forced_ids, (prompt_in, self._params(req, n)))
+
+    def _outcome(self, plan: _Plan, text: str, completion_tokens: int, cot_generated: int,
+                 answer: _Answer | None) -> dict:
+        """The response's ``tokenskip`` object with the outcome, and the reasoning tokens."""
+        reasoning = protocol.reasoning_tokens(self.tokenizer, text, min(cot_generated, completion_tokens))
+        tsk = dict(plan.meta["tokenskip"])
+        tsk.update({"reasoning_tokens": reasoning, "realized_ratio": protocol.realized_ratio(reasoning, plan.table),
+                    "expected_cot_tokens_at_1": routing.expected_tokens(plan.table, 1.0)})
+        if plan.cap is not None:
+            tsk["hard_cap_fired"] = bool(answer and answer.fired)
+            tsk["answer_forced"] = bool(answer and answer.forced)
+        return {"tokenskip": tsk, "reasoning_tokens": reasoning}
 
     async def _generate(self, prompt_in: Any, params: Any, request_id: str, lora: Any):
         try:
@@ -163,26 +240,74 @@ class TokenSkipModelImpl:
 
     # -- generation ----------------------------------------------------------------
     async def complete(self, req: dict) -> dict:
+        from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
-        _, prompt_in, meta, (params, lora) = await self._prepare(req)
-        params.output_kind = RequestOutputKind.FINAL_ONLY
+        plan = await self._prepare(req)
+        plan.params.output_kind = RequestOutputKind.FINAL_ONLY
         final = None
-        async for out in self._generate(prompt_in, params, req["request_id"], lora):
+        async for out in self._generate(TokensPrompt(prompt_token_ids=plan.ids), plan.params, req["request_id"],
+                                        plan.lora):
             final = out
         c = final.outputs[0]
-        return {**meta, "text": c.text, "completion_tokens": len(c.token_ids), "finish_reason": c.finish_reason}
+        text, gen_ids, finish = c.text, list(c.token_ids), c.finish_reason
+        n = len(gen_ids)
+        answer = self._answer(req, plan, text, gen_ids, finish)
+        if answer is not None and answer.call is not None:
+            prompt_in, params = answer.call
+            params.output_kind = RequestOutputKind.FINAL_ONLY
+            last = None
+            async for out in self._generate(prompt_in, params, f"{req['request_id']}-answer", plan.lora):
+                last = out
+            a = last.outputs[0]
+            text += answer.forced + a.text
+            n += len(answer.forced_ids) + len(a.token_ids)
+            finish = a.finish_reason
+        return {**plan.meta, **self._outcome(plan, text, n, len(gen_ids), answer), "text": text,
+                "completion_tokens": n, "finish_reason": finish}
 
     async def stream(self, req: dict) -> AsyncGenerator[dict, None]:
-        """First item: metadata (errors surface before any SSE byte is sent); then deltas."""
+        """First item: metadata (errors surface before any SSE byte is sent); then deltas; the
+        last delta (with the finish reason) carries the outcome (``tokenskip``, reasoning tokens).
+        A hard budget streams the CoT, then the forced opening, then the answer."""
+        from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
-        _, prompt_in, meta, (params, lora) = await self._prepare(req)
-        params.output_kind = RequestOutputKind.DELTA
-        yield {"type": "start", **meta}
-        n = 0
-        async for out in self._generate(prompt_in, params, req["request_id"], lora):
+        plan = await self._prepare(req)
+        plan.params.output_kind = RequestOutputKind.DELTA
+        yield {"type": "start", **plan.meta}
+        n, text, gen_ids, finish, last_text = 0, "", [], None, ""
+        async for out in self._generate(TokensPrompt(prompt_token_ids=plan.ids), plan.params, req["request_id"],
+                                        plan.lora):
             c = out.outputs[0]
             n += len(c.token_ids)
-            if c.text or c.finish_reason:
-                yield {"type": "delta", "text": c.text, "finish_reason": c.finish_reason, "completion_tokens": n}
+            gen_ids += c.token_ids
+            text += c.text
+            finish = c.finish_reason
+            if c.text and not finish:
+                yield {"type": "delta", "text": c.text, "finish_reason": None, "completion_tokens": n}
+            elif finish:
+                last_text = c.text
+        cot_generated = len(gen_ids)
+        answer = self._answer(req, plan, text, gen_ids, finish)
+        if answer is not None and answer.call is not None:
+            if last_text:
+                yield {"type": "delta", "text": last_text, "finish_reason": None, "completion_tokens": n}
+            n += len(answer.forced_ids)
+            text += answer.forced
+            last_text = ""
+            if answer.forced:
+                yield {"type": "delta", "text": answer.forced, "finish_reason": None, "completion_tokens": n}
+            prompt_in, params = answer.call
+            params.output_kind = RequestOutputKind.DELTA
+            async for out in self._generate(prompt_in, params, f"{req['request_id']}-answer", plan.lora):
+                c = out.outputs[0]
+                n += len(c.token_ids)
+                text += c.text
+                finish = c.finish_reason
+                if c.text and not finish:
+                    yield {"type": "delta", "text": c.text, "finish_reason": None, "completion_tokens": n}
+                elif finish:
+                    last_text = c.text
+        yield {"type": "delta", "text": last_text, "finish_reason": finish, "completion_tokens": n,
+               **self._outcome(plan, text, n, cot_generated, answer)}

@@ -30,7 +30,14 @@ import uuid
 from typing import Any, AsyncIterable, Iterable
 
 from serving.adapters import split_model
-from serving.routing import ApiError, apply_ratio_to_messages, normalize_messages
+from serving.routing import (
+    BUDGET_FIELDS,
+    CONTROLS,
+    ApiError,
+    apply_ratio_to_messages,
+    expected_tokens,
+    normalize_messages,
+)
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 MAX_STOP = 4  # OpenAI: "Up to 4 sequences"
@@ -263,9 +270,25 @@ def parse_request(body: Any, kind: str, base_id: str) -> dict:
     if stream_options is not None and not isinstance(stream_options, dict):
         raise ApiError(400, f"stream_options must be an object, got {_show(stream_options)}", param="stream_options")
     ratio = number(body, "compression_ratio", float, 0.0, 1.0, lo_open=True)
-    budget = number(body, "max_cot_tokens", float, 0.0, lo_open=True)
-    if ratio is not None and budget is not None:
-        raise ApiError(400, "give either compression_ratio or max_cot_tokens, not both", param="compression_ratio")
+    budgets = {f: number(body, f, float, 0.0, lo_open=True) for f in BUDGET_FIELDS}
+    effort = body.get("reasoning_effort")
+    if effort is not None:  # its value is checked against the adapter's effort map (routing.effort_ratio)
+        effort = text(effort, "reasoning_effort")
+    values = {"compression_ratio": ratio, **budgets, "reasoning_effort": effort}
+    given = [c for c in CONTROLS if values[c] is not None]
+    if len(given) > 1:
+        raise ApiError(400, f"give either {given[0]} or {given[1]}, not both (one reasoning control per request: "
+                            f"{', '.join(CONTROLS)})", param=given[0])
+    budget_param = next((f for f in BUDGET_FIELDS if budgets[f] is not None), None)
+    budget = budgets[budget_param] if budget_param else None
+    mode = body.get("budget")
+    if mode not in (None, "hard", "soft"):
+        raise ApiError(400, f"budget must be 'hard' or 'soft', got {_show(mode)}", param="budget")
+    if mode == "hard":
+        if budget is None:
+            raise ApiError(400, f"budget 'hard' needs a token budget: one of {', '.join(BUDGET_FIELDS)}",
+                           param="budget")
+        hard_cap(budget, budget_param)
     req = {
         "kind": kind, "adapter": adapter, "max_tokens": max_tokens,
         "temperature": number(body, "temperature", float, 0.0, 2.0),
@@ -273,7 +296,8 @@ def parse_request(body: Any, kind: str, base_id: str) -> dict:
         "presence_penalty": number(body, "presence_penalty", float, -2.0, 2.0),
         "frequency_penalty": number(body, "frequency_penalty", float, -2.0, 2.0),
         "seed": number(body, "seed", int, INT64_MIN, INT64_MAX), "stop": _stop(body),
-        "compression_ratio": ratio, "max_cot_tokens": budget,
+        "compression_ratio": ratio, "max_cot_tokens": budget, "budget_param": budget_param or "max_cot_tokens",
+        "reasoning_effort": effort, "budget_mode": mode,
         "return_prompt": boolean(body, "return_prompt"), "stream": boolean(body, "stream"),
         "include_usage": boolean(stream_options or {}, "include_usage"),
         "request_id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
@@ -293,6 +317,163 @@ def parse_request(body: Any, kind: str, base_id: str) -> dict:
             raise ApiError(400, "prompt must be a non-empty string (one prompt per request)", param="prompt")
         req["prompt"] = text(p, "prompt")
     return req
+
+
+# ----------------------------------------------------------------------------- hard budget (issue 16)
+# A hard budget B caps the CoT: the first engine call generates with max_tokens = B; when it
+# stopped at B without the answer sentence, the server appends the sentence's opening
+# (tokenskip.prompt.ANSWER_OPENING) and a second call continues from prompt + CoT + opening
+# with a small cap, so the model writes only the answer. The deployment makes the two calls;
+# every decision is here.
+
+
+def hard_cap(budget: float, param: str = "max_cot_tokens") -> int:
+    """The CoT token cap of a hard budget: whole tokens, at least 1.
+
+    >>> hard_cap(40.9), hard_cap(1)
+    (40, 1)
+    >>> hard_cap(0.5, "thinking_token_budget")
+    Traceback (most recent call last):
+    ...
+    serving.routing.ApiError: 400: a hard budget needs thinking_token_budget >= 1 token, got 0.5
+    """
+    cap = int(math.floor(budget))
+    if cap < 1:
+        raise ApiError(400, f"a hard budget needs {param} >= 1 token, got {_show(budget)}", param=param)
+    return cap
+
+
+def hard_budget(req: dict, app_default: bool) -> int | None:
+    """The CoT cap for a validated request: its budget when ``budget`` is ``hard`` (or the app
+    makes budgets hard by default and the request did not say ``soft``), else None.
+
+    >>> hard_budget({"max_cot_tokens": 64.0, "budget_mode": None}, True), hard_budget({"max_cot_tokens": 64.0}, False)
+    (64, None)
+    >>> hard_budget({"max_cot_tokens": 64.0, "budget_mode": "soft"}, True) is None
+    True
+    """
+    budget, mode = req.get("max_cot_tokens"), req.get("budget_mode")
+    if budget is None or mode == "soft" or (mode is None and not app_default):
+        return None
+    return hard_cap(budget, req.get("budget_param") or "max_cot_tokens")
+
+
+def forced_suffix(cot: str) -> str:
+    """What the server appends to a CoT cut by a hard budget: a blank line (as
+    :func:`tokenskip.prompt.build_target` lays out the target) and the answer sentence's
+    opening :data:`tokenskip.prompt.ANSWER_OPENING`.
+
+    >>> forced_suffix("2+3=5")
+    '\\n\\nThe final answer is: $\\\\boxed{'
+    >>> forced_suffix("2+3=5\\n") == "\\n" + forced_suffix("")
+    True
+    """
+    from tokenskip.prompt import ANSWER_OPENING
+
+    if not cot.strip() or cot.endswith("\n\n"):
+        return ANSWER_OPENING
+    return ("\n" if cot.endswith("\n") else "\n\n") + ANSWER_OPENING
+
+
+_PREFIX_ONLY_RE = re.compile(r"the final answer is\s*:?\s*\$?\s*$", re.IGNORECASE)
+
+
+def _answer_unfinished(answer: str) -> bool:
+    """Whether an answer sentence was cut before its answer: an unclosed ``\\boxed{`` or
+    nothing after "The final answer is:"."""
+    i = answer.rfind("\\boxed{")
+    if i >= 0:
+        depth = 0
+        for ch in answer[i + len("\\boxed") :]:
+            depth += (ch == "{") - (ch == "}")
+            if depth == 0:
+                return False
+        return True
+    return bool(_PREFIX_ONLY_RE.fullmatch(answer.strip()))
+
+
+def answer_step(text_: str, finish_reason: str | None, n_generated: int, cap: int) -> str | None:
+    """What follows the first (CoT-capped) call of a hard-budget request: None = nothing (the
+    model stopped by itself, or it finished its answer sentence within the budget); ``""`` =
+    continue without forcing (the answer sentence began within the budget but was cut); any
+    other string = the forced text to append before the model writes the answer (the hard cap
+    fired: the CoT used the whole budget without reaching the answer sentence).
+
+    >>> answer_step("2+3=5. The final answer is: $\\\\boxed{5}$", "stop", 12, 40) is None
+    True
+    >>> answer_step("2+3 is", "length", 40, 40)
+    '\\n\\nThe final answer is: $\\\\boxed{'
+    >>> answer_step("2+3=5\\n\\nThe final answer is: $\\\\boxed{", "length", 40, 40)
+    ''
+    >>> answer_step("2+3=5\\n\\nThe final answer is: $\\\\boxed{5}$ and so", "length", 40, 40) is None
+    True
+    """
+    from tokenskip.prompt import split_answer
+
+    if finish_reason != "length" or n_generated < cap:
+        return None
+    _, answer = split_answer(text_)
+    if not answer:
+        return forced_suffix(text_)
+    return "" if _answer_unfinished(answer) else None
+
+
+def answer_cap(max_answer_tokens: int, total_max_tokens: int, used: int, context_left: int) -> int:
+    """Tokens the answer continuation may generate: the configured cap, within what is left of
+    the request's ``max_tokens`` after ``used`` completion tokens (CoT + forced text) and of the
+    context. 0 = no room: the request ends where the CoT stopped.
+
+    >>> answer_cap(24, 512, 40 + 12, 10_000), answer_cap(24, 60, 52, 10_000), answer_cap(24, 512, 52, 5)
+    (24, 8, 5)
+    >>> answer_cap(24, 50, 52, 100)
+    0
+    """
+    return max(0, min(max_answer_tokens, total_max_tokens - used, context_left))
+
+
+def continuation_ids(prompt_ids: list[int], generated_ids: list[int], forced_ids: list[int]) -> list[int]:
+    """The prompt of the answer continuation: the original prompt ids, the CoT exactly as the
+    model generated it (its token ids, not re-tokenized text), then the forced opening.
+
+    >>> continuation_ids([1, 2], [3, 4], [5])
+    [1, 2, 3, 4, 5]
+    """
+    return [*prompt_ids, *generated_ids, *forced_ids]
+
+
+def reasoning_tokens(tokenizer: Any, text_: str, cot_generated: int | None = None) -> int:
+    """CoT tokens of an output: the target tokenizer's tokens of the text before the answer
+    sentence (:func:`tokenskip.prompt.split_answer`, as evaluation counts them), at most
+    ``cot_generated`` (the tokens the engine generated before the sentence could start: a
+    hard budget's CoT call), so a re-tokenization never reports more than was generated."""
+    from tokenskip.prompt import split_answer
+
+    cot, _ = split_answer(text_)
+    n = len(tokenizer(cot, add_special_tokens=False)["input_ids"]) if cot else 0
+    return n if cot_generated is None else min(n, cot_generated)
+
+
+def realized_ratio(reasoning: int, table: dict[float, float] | None) -> float | None:
+    """Reasoning tokens over the adapter's expected CoT length at γ = 1 (None when unknown).
+
+    >>> realized_ratio(50, {1.0: 200.0}), realized_ratio(50, {}), realized_ratio(7, {0.5: 90.0})
+    (0.25, None, None)
+    """
+    base = expected_tokens(table or {}, 1.0)
+    return round(reasoning / base, 4) if base else None
+
+
+def usage(prompt_tokens: int, completion_tokens: int, reasoning: int | None) -> dict:
+    """OpenAI's ``usage`` with ``completion_tokens_details.reasoning_tokens``.
+
+    >>> usage(3, 5, 4)["completion_tokens_details"]
+    {'reasoning_tokens': 4}
+    """
+    out = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+           "total_tokens": prompt_tokens + completion_tokens}
+    if reasoning is not None:
+        out["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+    return out
 
 
 # ----------------------------------------------------------------------------- prompt
@@ -353,8 +534,7 @@ def model_name(base_id: str, adapter: str | None) -> str:
 
 def completion_body(req: dict, out: dict, model: str, created: int | None = None) -> dict:
     """The non-streaming response (``chat.completion`` / ``text_completion``)."""
-    usage = {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
-             "total_tokens": out["prompt_tokens"] + out["completion_tokens"]}
+    usage_ = usage(out["prompt_tokens"], out["completion_tokens"], out.get("reasoning_tokens"))
     if req["kind"] == "chat":
         choice = {"index": 0, "message": {"role": "assistant", "content": out["text"]},
                   "finish_reason": out["finish_reason"], "logprobs": None}
@@ -363,14 +543,16 @@ def completion_body(req: dict, out: dict, model: str, created: int | None = None
         choice = {"index": 0, "text": out["text"], "finish_reason": out["finish_reason"], "logprobs": None}
         obj = "text_completion"
     return {"id": req["request_id"], "object": obj, "created": int(time.time()) if created is None else created,
-            "model": model, "choices": [choice], "usage": usage, "compression_ratio": out["compression_ratio"],
+            "model": model, "choices": [choice], "usage": usage_, "compression_ratio": out["compression_ratio"],
             "tokenskip": out["tokenskip"]}
 
 
 def stream_chunk(req: dict, model: str, created: int, gamma: float | None, text_: str | None, finish: str | None,
-                 first: dict | None = None, usage: dict | None = None) -> dict:
+                 first: dict | None = None, usage: dict | None = None, final: dict | None = None) -> dict:
     """One streamed chunk; ``first`` (the ``tokenskip`` metadata) marks the opening chunk,
-    ``usage`` the final usage-only chunk."""
+    ``usage`` the final usage-only chunk, ``final`` (the ``tokenskip`` metadata with the
+    request's outcome: reasoning tokens, realized ratio, whether a hard cap fired) the chunk
+    that carries the finish reason."""
     if req["kind"] == "chat":
         if first is not None:
             delta: dict = {"role": "assistant", "content": text_ or ""}
@@ -385,6 +567,8 @@ def stream_chunk(req: dict, model: str, created: int, gamma: float | None, text_
             "compression_ratio": gamma}
     if first is not None:
         body["tokenskip"] = first
+    if final is not None:
+        body["tokenskip"] = final
     if usage is not None:
         body["choices"], body["usage"] = [], usage
     return body

@@ -3,6 +3,8 @@ are cached under $TOKENSKIP_HOME, which the Makefile points into the repo's .cac
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import signal
@@ -10,6 +12,7 @@ import subprocess
 import sys
 import time
 import types
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -275,11 +278,11 @@ def _env(tmp: Path) -> dict:
     return env
 
 
-@pytest.fixture
-def ray_head():
+@contextlib.contextmanager
+def _ray_head(tag: str = ""):
     """A real `ray start --head --block` on 127.0.0.1 with its own temp dir and ports (yields the
     dashboard address and the env to reach it); stopped through its own process, never `ray stop`."""
-    tmp = Path(f"/tmp/tsk-ray-{os.getpid()}")  # short: Ray's socket paths have a length limit
+    tmp = Path(f"/tmp/tsk-ray-{os.getpid()}{tag}")  # short: Ray's socket paths have a length limit
     from tokenskip.testing import free_ports
 
     gcs, dash, client, mgr, node_mgr, dash_agent, metrics = free_ports(7)
@@ -316,10 +319,10 @@ def ray_head():
             if r.returncode == 0:
                 break
             if head.poll() is not None:
-                pytest.fail(f"ray start exited: {head.stdout.read()[-3000:]}")
+                raise RuntimeError(f"ray start exited: {head.stdout.read()[-3000:]}")
             time.sleep(2)
         else:
-            pytest.fail("Ray head did not come up in 120 s")
+            raise RuntimeError("Ray head did not come up in 120 s")
         yield address, env
     finally:
         # Stop exactly this cluster: SIGTERM its `ray start --block` process (it tears down the
@@ -341,3 +344,90 @@ def ray_head():
         assert not [p for p in left if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], (
             "cluster processes survived"
         )
+
+
+@pytest.fixture
+def ray_head():
+    with _ray_head() as head:
+        yield head
+
+
+def tiny_pipeline_config(run_dir: Path, model: str) -> dict:
+    """The quickstart's shape at toy size, every stage (generate included), three γ evaluated."""
+    return {
+        "kind": "pipeline",
+        "name": "tiny",
+        "run_dir": str(run_dir),
+        "model": model,
+        "stages": ["generate", "prune", "build_sft", "train", "evaluate"],
+        "ray": {"num_cpus": 4},
+        "generate": {"data": {"name": "gsm8k", "split": "train", "limit": 4}, "max_new_tokens": 16, "shard_rows": 2},
+        "prune": {"scorer": "self_info", "scorer_model": model, "target_tokenizer": model},
+        "cots": {
+            "data": {"name": "gsm8k", "split": "train", "limit": 24},
+            "cot_source": "gold",
+            "target_tokenizer": model,
+        },
+        "build_sft": {"val_fraction": 0.1},
+        "train": {
+            "max_steps": 3,
+            "micro_batch_size": 2,
+            "global_batch_size": 4,
+            "cutoff_len": 384,
+            "learning_rate": 1e-3,
+            "checkpoint_every": 2,
+            "scaling": {"num_workers": 1, "use_gpu": False},
+        },
+        "evaluate": {
+            "datasets": ["gsm8k"],
+            "limit": 3,
+            "max_new_tokens": 16,
+            "ratios": [1.0, 0.7, 0.5],
+            "baselines": ["original", "truncation"],
+            "latency_samples": 1,
+        },
+    }
+
+
+@dataclass
+class TinyPipelineRun:
+    """One run of the tiny pipeline through `ray job submit` on a real Ray head, shared by the
+    tests that check its console, its MLflow runs and the serving of its adapter (issue 20:
+    one pipeline run instead of three)."""
+
+    run_dir: Path
+    config: Path
+    output: str  # what `ray job submit` printed (stdout + stderr)
+    returncode: int
+    seconds: float
+    env: dict  # the environment the job was submitted with (no RAY_ADDRESS)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory, tiny_llama) -> TinyPipelineRun:
+    import yaml
+
+    from tokenskip.engine import CPU_ENV_KEYS
+
+    root = Path(__file__).resolve().parents[1]
+    tmp = tmp_path_factory.mktemp("tiny-pipeline")
+    run_dir = tmp / "run"
+    cfg_path = tmp / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_pipeline_config(run_dir, tiny_llama)))
+    with _ray_head("-job") as (address, env):
+        runtime_env = {
+            "excludes": [".venv/", ".cache/", "runs/", ".git/", "*.egg-info/"],
+            "env_vars": {
+                k: env[k]
+                for k in ("TOKENSKIP_HOME", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+                          *CPU_ENV_KEYS)
+                if k in env
+            },
+        }
+        cmd = [str(_BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(root),
+               "--runtime-env-json", json.dumps(runtime_env), "--",
+               "python", "-m", "ray_jobs.pipeline", "--config", str(cfg_path)]
+        t0 = time.time()
+        r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=1200)
+        took = time.time() - t0
+    return TinyPipelineRun(run_dir, cfg_path, r.stdout + r.stderr, r.returncode, took, env)

@@ -1,4 +1,5 @@
-"""End to end, the way a user meets it: the tiny pipeline trains and evaluates an adapter,
+"""End to end, the way a user meets it: the tiny pipeline (the session's ``tiny_pipeline``
+fixture, one `ray job submit` run shared with tests/test_pipeline_job.py) trains and evaluates an adapter,
 its card records the γ trained and the CoT lengths measured, the adapter is served with the
 exact command the pipeline prints, and a ``max_cot_tokens`` request is routed to the largest
 γ whose expected CoT tokens fit the budget.
@@ -22,7 +23,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tokenskip import card, gamma
 from tokenskip.testing import free_ports
@@ -34,43 +34,6 @@ openai = pytest.importorskip("openai")
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 EVAL_RATIOS = [1.0, 0.7, 0.5]
-
-
-def tiny_config(run_dir: Path, model: str) -> dict:
-    """The quickstart's shape at toy size, gold CoTs (no generate stage: the test is about what
-    comes after training)."""
-    return {
-        "kind": "pipeline",
-        "name": "tiny",
-        "run_dir": str(run_dir),
-        "model": model,
-        "stages": ["prune", "build_sft", "train", "evaluate"],
-        "ray": {"num_cpus": 4},
-        "prune": {"scorer": "self_info", "scorer_model": model, "target_tokenizer": model},
-        "build_sft": {
-            "data": {"name": "gsm8k", "split": "train", "limit": 24},
-            "cot_source": "gold",
-            "val_fraction": 0.1,
-            "target_tokenizer": model,
-        },
-        "train": {
-            "max_steps": 2,
-            "micro_batch_size": 2,
-            "global_batch_size": 4,
-            "cutoff_len": 384,
-            "learning_rate": 1e-3,
-            "checkpoint_every": 2,
-            "scaling": {"num_workers": 1, "use_gpu": False},
-        },
-        "evaluate": {
-            "datasets": ["gsm8k"],
-            "limit": 3,
-            "max_new_tokens": 16,
-            "ratios": EVAL_RATIOS,
-            "baselines": [],
-            "latency_samples": 0,
-        },
-    }
 
 
 def _env() -> dict:
@@ -101,21 +64,10 @@ def _expected(table: dict[float, float], valid: list[float], budget: float) -> t
     return (max(fits), True) if fits else (min(valid), False)
 
 
-def test_pipeline_adapter_served_with_printed_command_routes_budgets(tiny_llama, tmp_path):
-    run_dir = tmp_path / "run"
-    cfg_path = tmp_path / "tiny.yaml"
-    cfg_path.write_text(yaml.safe_dump(tiny_config(run_dir, tiny_llama)))
-    t0 = time.time()
-    r = subprocess.run(
-        [sys.executable, "-m", "ray_jobs.pipeline", "--config", str(cfg_path)],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
-    print(f"\n[e2e] tiny pipeline: {time.time() - t0:.0f} s")
+def test_pipeline_adapter_served_with_printed_command_routes_budgets(tiny_pipeline, tiny_llama, tmp_path):
+    # The session's tiny pipeline (tests/conftest.py: run once through `ray job submit`).
+    assert tiny_pipeline.returncode == 0, tiny_pipeline.output[-6000:]
+    run_dir = tiny_pipeline.run_dir
     summary = json.loads((run_dir / "summary.json").read_text())
 
     # The card: written by train, completed by evaluate, beside the adapter weights.

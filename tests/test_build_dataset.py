@@ -40,6 +40,7 @@ def test_plan_adds_cot_selection():
     assert plan(PipelineConfig(stages=["generate", "prune", "build_sft"])) == ["generate", "cots", "prune", "build_sft"]
     assert plan(PipelineConfig(stages=["generate"])) == ["generate"]
     assert plan(PipelineConfig(stages=["build_sft", "train"])) == ["cots", "build_sft"]
+    assert plan(PipelineConfig(stages=["generate", "cots"])) == ["generate", "cots"]  # the selection alone
 
 
 def test_bad_config_exits_2(tmp_path, capsys):
@@ -116,8 +117,8 @@ def test_kill_mid_generation_then_resume(tmp_path, tiny_llama, ray_local):
             "max_prompt_tokens": 512,
         },
         "prune": {"scorer": "self_info", "scorer_model": tiny_llama, "ratios": [0.9, 0.7, 0.5], "batch_size": 8},
+        "cots": {"cot_source": "gold"},
         "build_sft": {
-            "cot_source": "gold",
             "ratios": [1.0, 0.9, 0.7, 0.5],
             "ratio_sampling": "all",
             "val_fraction": 0.1,

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tokenskip import config as C
 
@@ -64,6 +65,52 @@ def test_pipeline_yaml_gives_stage_sections(tmp_path):
     assert stage_config(C.load_config(C.PipelineConfig, p), "prune").input == "/tmp/r/cots"
     gcfg = C.load_config(C.GenerateConfig, p)
     assert gcfg.model == "my/model" and gcfg.output_dir == "/tmp/r/generate"
+
+
+def test_cots_section_of_a_pipeline(tmp_path):
+    """The cots stage has its own section: model, output_dir and (for gold CoTs) the generate
+    section's questions filled in like build_sft's were; the cots keys there win."""
+    p = tmp_path / "exp.yaml"
+    p.write_text(
+        "kind: pipeline\nrun_dir: /tmp/r\nmodel: my/model\ngenerate:\n  data: {name: math, limit: 7}\n"
+        "cots:\n  cot_source: gold\n  max_cot_tokens: 300\n"
+    )
+    cfg = C.load_config(C.CotsConfig, p)
+    assert isinstance(cfg, C.CotsConfig) and (cfg.cot_source, cfg.max_cot_tokens) == ("gold", 300)
+    assert cfg.output_dir == "/tmp/r/cots" and cfg.target_tokenizer == "my/model"
+    assert (cfg.data.name, cfg.data.limit) == ("math", 7)
+    assert C.load_config(C.CotsConfig, p, ["cots.data.name=math500"]).data == C.DataSourceConfig(name="math500")
+    assert C.load_config(C.CotsConfig, p, ["target_tokenizer=t"]).target_tokenizer == "t"
+    sft = C.load_config(C.BuildSFTConfig, p)
+    assert not hasattr(sft, "cot_source") and sft.output_dir == "/tmp/r/build_sft"
+    # a stage YAML of its own, and the keys listed with their help
+    q = tmp_path / "cots.yaml"
+    q.write_text("kind: cots\ngenerations: /tmp/r/generate\noutput_dir: /tmp/c\n")
+    alone = C.load_any(q)
+    assert isinstance(alone, C.CotsConfig) and alone.cot_source == "generated" and alone.output_dir == "/tmp/c"
+    rows = {k: h for k, _, h in C.describe(C.PipelineConfig)}
+    assert {"cots.cot_source", "cots.max_cot_tokens", "cots.data.name", "cots.generations"} <= set(rows)
+    assert all(rows[f"cots.{k}"] for k in ("cot_source", "max_cot_tokens", "generations", "target_tokenizer"))
+    assert not [k for k in rows if k.startswith("build_sft.") and k.split(".")[1] in ("cot_source", "data")]
+
+
+@pytest.mark.parametrize("key,value", [("cot_source", "gold"), ("max_cot_tokens", 300), ("generations", "/g"),
+                                       ("target_tokenizer", "t"), ("data", {"name": "gsm8k"})])
+def test_cots_keys_left_under_build_sft_say_where_they_went(tmp_path, key, value):
+    p = tmp_path / "old.yaml"
+    p.write_text(yaml.safe_dump({"kind": "pipeline", "build_sft": {"ratios": [1.0, 0.5], key: value}}))
+    with pytest.raises(C.ConfigError) as e:
+        C.load_config(C.PipelineConfig, p)
+    assert str(p) in str(e.value) and f"build_sft.{key} moved to cots.{key}" in str(e.value)
+    q = tmp_path / "sft.yaml"  # a build_sft stage YAML
+    q.write_text(yaml.safe_dump({"kind": "build_sft", key: value}))
+    with pytest.raises(C.ConfigError, match=f"{q}: build_sft.{key} moved to cots.{key}"):
+        C.load_any(q)
+    with pytest.raises(C.ConfigError, match=f"build_sft.{key} moved to cots.{key}"):  # an override too
+        C.load_config(C.PipelineConfig, data={}, overrides=[f"build_sft.{key}=x"])
+    # any other unknown key keeps the plain message
+    with pytest.raises(C.ConfigError, match="unknown key 'build_sft.cot_sorce'"):
+        C.load_config(C.PipelineConfig, data={"build_sft": {"cot_sorce": "gold"}})
 
 
 def test_every_shipped_yaml_loads():

@@ -94,7 +94,7 @@ def test_failing_stage_prints_one_line_and_its_log(tmp_path):
         "name": "t",
         "run_dir": str(run_dir),
         "stages": ["build_sft"],
-        "build_sft": {"cot_source": "generated"},
+        "cots": {"cot_source": "generated"},
     }
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(cfg))

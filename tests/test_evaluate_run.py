@@ -128,6 +128,9 @@ def tiny_run(tiny_llama, tiny_adapters, tmp_path_factory):
         limit=6,
         max_new_tokens=24,
         ratios=[1.0, 0.5],
+        baselines=["original", "prompt", "truncation", "budget_forcing"],
+        hard_budgets=[12],
+        force_answer_tokens=8,
         latency_samples=2,
         output_dir=str(out),
         placement="driver",
@@ -160,7 +163,9 @@ def test_outputs_exist(tiny_run):
     results = json.loads((out / "results.json").read_text())
     ids = [r["id"] for r in results["datasets"]["gsm8k"]["conditions"]]
     assert ids == (
-        ["original", "tokenskip-1.0", "tokenskip-0.5"] + [f"prompt-{n}" for n in BASELINE_PROMPTS] + ["truncation-0.5"]
+        ["original", "tokenskip-1.0", "tokenskip-0.5"]
+        + [f"prompt-{n}" for n in BASELINE_PROMPTS]
+        + ["truncation-0.5", "budget_forcing-0.5"]
     )
     table = (out / "table.md").read_text()
     for label in (
@@ -169,6 +174,10 @@ def test_outputs_exist(tiny_run):
         "| TokenSkip | 0.5 |",
         "| Prompt: concise | - |",
         "| Truncation | 0.5 |",
+        "| Budget forcing | 0.5 |",
+        "### gsm8k: hard budget",
+        "| 12 | TokenSkip (routed) |",
+        "| 12 | Base model |",
     ):
         assert label in table
     assert "near zero" in table  # a random model solves nothing, and the caption says so
@@ -193,9 +202,10 @@ def test_figures_agree_with_samples(tiny_run, tiny_llama):
         if r["method"] != "truncation":
             assert r["latency_samples"] == 2 and r["latency_s"] > 0 and len(r["latency_each_s"]) == 2
             assert r["throughput"]["wall_s"] > 0
-            assert max(s["output_tokens"] for s in samples) <= 24
         else:
             assert r["latency_s"] is None
+        if r["method"] not in ("truncation", "budget_forcing"):  # a forced answer comes after the cut CoT
+            assert max(s["output_tokens"] for s in samples) <= 24
     # actual ratio: TokenSkip rows against TokenSkip γ=1.0, others against the original
     assert rows["tokenskip-0.5"]["actual_ratio"] == pytest.approx(
         rows["tokenskip-0.5"]["mean_tokens"] / rows["tokenskip-1.0"]["mean_tokens"]
@@ -305,9 +315,10 @@ def fake_engine(monkeypatch, tiny_llama):
     from transformers import AutoTokenizer
 
     import pipelines.evaluate as E
+    from tokenskip.prompt import ANSWER_OPENING
 
     tok = AutoTokenizer.from_pretrained(tiny_llama)
-    state = {"calls": [], "fail_at": None}
+    state = {"calls": [], "fail_at": None, "forced": []}
 
     class FakeLLM:
         def get_tokenizer(self):
@@ -317,7 +328,7 @@ def fake_engine(monkeypatch, tiny_llama):
         self.key, self.llm = "base", FakeLLM()
         return self.llm, None
 
-    def generate(llm, prompts, max_tokens, seed, lora):
+    def generate(llm, prompts, max_tokens, seed, lora, stop=None):
         if max_tokens == 4:  # the warm-up
             return [{"output": "2", "token_ids": [17], "finish_reason": "stop"} for _ in prompts]
         state["calls"].append(len(prompts))
@@ -325,8 +336,16 @@ def fake_engine(monkeypatch, tiny_llama):
             raise RuntimeError("engine crashed")
         out = []
         for p in prompts:
-            ids = tok(f"The answer is {len(p) % 7}.", add_special_tokens=False)["input_ids"][:max_tokens]
-            out.append({"output": tok.decode(ids), "token_ids": ids, "finish_reason": "stop"})
+            if p.endswith(ANSWER_OPENING):  # a forced answer: the answer, the closing, then more text
+                assert stop == ["}$"]  # the engine stops a forced answer at the end of the sentence
+                state["forced"].append((len(prompts), max_tokens, p))
+                text = "4}$ and then \\boxed{5}"
+            else:
+                text = f"The answer is {len(p) % 7}. So {len(p) % 5} + 1 = {len(p) % 5 + 1}."
+            full = tok(text, add_special_tokens=False)["input_ids"]
+            ids = full[:max_tokens]
+            finish = "length" if len(full) > max_tokens else "stop"
+            out.append({"output": tok.decode(ids), "token_ids": ids, "finish_reason": finish})
         return out
 
     monkeypatch.setattr(E._Engines, "get", get)
@@ -371,3 +390,124 @@ def test_restart_reuses_the_conditions_already_saved(fake_engine, tmp_path):
     fake_engine["calls"].clear()
     run_evaluate(dataclasses.replace(cfg, limit=2), force=True)
     assert fake_engine["calls"] == [2, 1] * (2 + n_prompt)
+
+
+# ---------------------------------------------------------------- budget forcing + hard budgets (#16), fake engine
+
+
+def test_budget_forcing_and_hard_budgets_fake_engine(fake_engine, tmp_path, tiny_llama):
+    from transformers import AutoTokenizer
+
+    from tokenskip import evaluation as ev
+    from tokenskip.prompt import ANSWER_OPENING, split_answer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    out = tmp_path / "eval"
+    cfg = EvalConfig(
+        model="smollm2-135m-instruct",
+        datasets=["gsm8k"],
+        limit=3,
+        max_new_tokens=40,
+        ratios=[1.0, 0.5],
+        baselines=["budget_forcing"],
+        hard_budgets=[6, 40],
+        force_answer_tokens=10,
+        latency_samples=1,
+        output_dir=str(out),
+        placement="driver",
+    )
+    run_evaluate(cfg)
+    results = json.loads((out / "results.json").read_text())
+    ds = results["datasets"]["gsm8k"]
+    rows = {r["id"]: r for r in ds["conditions"]}
+    assert list(rows) == ["original", "tokenskip-1.0", "tokenskip-0.5", "budget_forcing-0.5"]
+    assert rows["original"]["label"] == "Original (budget forcing / hard budgets source)"
+    assert results["force_answer_tokens"] == 10 and results["hard_budgets"] == [6, 40]
+
+    # budget forcing: ⌊0.5 × the original's CoT tokens⌋ kept, then the answer opening, answer cut at its box
+    original = {s["id"]: s for s in _samples(out, "original")}
+    bf = _samples(out, "budget_forcing-0.5")
+    for s in bf:
+        o = original[s["id"]]
+        k = math.floor(0.5 * o["cot_tokens"])
+        assert s["cot_tokens"] == k and s["token_ids"][:k] == o["token_ids"][:k]
+        kept = tok.decode(o["token_ids"][:k], skip_special_tokens=True)
+        assert s["output"] == kept.rstrip() + "\n\n" + ANSWER_OPENING + "4}$"
+        assert s["extracted"] == "4" and s["answer_closed"] and s["finish_reason"] == "forced"
+        assert s["output_tokens"] == len(s["token_ids"]) and s["source_cot_tokens"] == o["cot_tokens"]
+    r = rows["budget_forcing-0.5"]
+    assert r["mean_cot_tokens"] == pytest.approx(sum(s["cot_tokens"] for s in bf) / 3)
+    assert r["actual_ratio"] == pytest.approx(r["mean_cot_tokens"] / rows["original"]["mean_cot_tokens"])
+    assert r["throughput"]["batch_size"] == 3 and r["latency_samples"] == 1 and r["latency_s"] > 0
+    # the forced answers: one batch of 3 (all questions) with the answer cap, then 1 timed alone
+    forced_bf = [f for f in fake_engine["forced"] if f[2].startswith(tuple(s["prompt"] for s in bf))]
+    assert [(n, cap) for n, cap, _ in forced_bf][:4] == [(3, 10)] * 3 + [(1, 10)]
+
+    # hard budgets: per B, TokenSkip routed and the base model
+    hard = ds["hard_budget"]
+    assert [(e["budget"], e["model"]) for e in hard] == [(6, "tokenskip"), (6, "base"), (40, "tokenskip"), (40, "base")]
+    by = {(e["budget"], e["model"]): e for e in hard}
+    ts_rows = [r for r in ds["conditions"] if r["method"] == "tokenskip"]
+    for b in (6, 40):
+        assert by[(b, "tokenskip")]["ratio"] == ev.route_budget(ts_rows, b)["ratio"]
+    assert by[(6, "tokenskip")]["fits"] is False and by[(6, "tokenskip")]["ratio"] == 0.5  # every CoT is > 6
+    assert by[(40, "tokenskip")]["fits"] is True and by[(40, "tokenskip")]["ratio"] == 1.0
+    for (b, model), e in by.items():
+        samples = [json.loads(x) for x in (out / e["samples_file"]).read_text().splitlines()]
+        assert len(samples) == e["n"] == 3 and e["within_budget_share"] == 1.0
+        assert all(s["cot_tokens"] <= b for s in samples)
+        assert e["forced_share"] == sum(s["forced"] for s in samples) / 3
+        assert e["accuracy"] == sum(s["correct"] for s in samples) / 3
+        src = {s["id"]: s for s in _samples(out, e["source_condition"])}
+        for s in samples:
+            o = src[s["id"]]
+            assert s["forced"] == (o["output_tokens"] > b) and s["uncapped_cot_tokens"] == o["cot_tokens"]
+            if s["forced"]:  # the CoT before the cap, then the forced answer
+                cot = split_answer(tok.decode(o["token_ids"][:b], skip_special_tokens=True))[0]
+                assert s["output"] == cot.rstrip() + "\n\n" + ANSWER_OPENING + "4}$" and s["extracted"] == "4"
+            else:
+                assert s["output"] == o["output"]
+    assert by[(6, "base")]["forced_share"] == 1.0 and by[(40, "base")]["forced_share"] == 0.0
+    table = (out / "table.md").read_text()
+    assert "### gsm8k: hard budget" in table and "| 6 | TokenSkip (routed) | 0.5 (none fits) |" in table
+    assert "| Budget forcing | 0.5 |" in table and "TokenSkip against the hard-cap baselines" in table
+
+
+def test_hard_budget_above_the_cap_fails_before_model_load(no_engine, tmp_path):
+    cfg = EvalConfig(datasets=["gsm8k"], hard_budgets=[600], output_dir=str(tmp_path / "out"), limit=2)
+    with pytest.raises(EvalInputError, match=r"hard_budgets: \[600\] exceed the 512 new tokens"):
+        run_evaluate(cfg)
+
+
+@pytest.mark.integration
+def test_budget_forcing_and_hard_budget_real_engine(tiny_run, tiny_llama):
+    """vLLM continued each cut CoT + answer opening for at most force_answer_tokens tokens, and the
+    hard-budget section holds both models at B = 12 with every CoT within it."""
+    from tokenskip.prompt import ANSWER_OPENING
+
+    cfg, _, out = tiny_run
+    results = json.loads((out / "results.json").read_text())
+    ds = results["datasets"]["gsm8k"]
+    rows = {r["id"]: r for r in ds["conditions"]}
+    original = {s["id"]: s for s in _samples(out, "original")}
+    for s in _samples(out, "budget_forcing-0.5"):
+        o = original[s["id"]]
+        k = math.floor(0.5 * o["cot_tokens"])
+        assert s["cot_tokens"] == k and s["token_ids"][:k] == o["token_ids"][:k]
+        assert ANSWER_OPENING in s["output"] and s["finish_reason"] == "forced"
+        assert 0 < s["answer_tokens"] <= cfg.force_answer_tokens
+        assert s["output_tokens"] == len(s["token_ids"]) > k
+    bf = rows["budget_forcing-0.5"]
+    assert bf["throughput"]["batch_size"] == 6 and bf["force_answer_tokens"] == 8
+    assert bf["actual_ratio"] == pytest.approx(bf["mean_cot_tokens"] / rows["original"]["mean_cot_tokens"])
+    hard = ds["hard_budget"]
+    assert [(e["budget"], e["model"]) for e in hard] == [(12, "tokenskip"), (12, "base")]
+    for e in hard:
+        assert e["n"] == 6 and e["within_budget_share"] == 1.0 and 0.0 <= e["forced_share"] <= 1.0
+        samples = [json.loads(x) for x in (out / e["samples_file"]).read_text().splitlines()]
+        assert all(s["cot_tokens"] <= 12 for s in samples)
+        assert sum(s["forced"] for s in samples) / 6 == e["forced_share"]
+        assert all(ANSWER_OPENING in s["output"] for s in samples if s["forced"])
+    ts = hard[0]
+    assert ts["ratio"] in (1.0, 0.5) and ts["source_condition"] == f"tokenskip-{ts['ratio']}"
+    assert hard[1]["source_condition"] == "original"

@@ -1,20 +1,17 @@
 """End to end: a real `ray start --head` on 127.0.0.1 with its own temp dir and ports,
-`ray job submit --working-dir . -- python -m ray_jobs.pipeline --config <tiny>`, the
-artifacts checked, a re-run resumed from manifests, and the cluster stopped through its
-own head process (never `ray stop`, which would hit every Ray on the machine)."""
+`ray job submit --working-dir . -- python -m ray_jobs.pipeline --config <tiny>` (the session's
+``tiny_pipeline`` fixture, whose run tests/test_tracking.py and tests/test_budget_routing_e2e.py
+read too), the artifacts checked, a re-run resumed from manifests, and the cluster stopped
+through its own head process (never `ray stop`, which would hit every Ray on the machine)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import yaml
-
-from tokenskip.engine import CPU_ENV_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -26,84 +23,10 @@ pytestmark = pytest.mark.integration
 CONSOLE_LINE_BUDGET = 100
 
 
-def tiny_pipeline_config(run_dir: Path, model: str) -> dict:
-    """The quickstart's shape at toy size (a smaller version of configs/quickstart.yaml)."""
-    return {
-        "kind": "pipeline",
-        "name": "tiny",
-        "run_dir": str(run_dir),
-        "model": model,
-        "stages": ["generate", "prune", "build_sft", "train", "evaluate"],
-        "ray": {"num_cpus": 4},
-        "generate": {"data": {"name": "gsm8k", "split": "train", "limit": 4}, "max_new_tokens": 16, "shard_rows": 2},
-        "prune": {"scorer": "self_info", "scorer_model": model, "target_tokenizer": model},
-        "build_sft": {
-            "data": {"name": "gsm8k", "split": "train", "limit": 24},
-            "cot_source": "gold",
-            "val_fraction": 0.1,
-            "target_tokenizer": model,
-        },
-        "train": {
-            "max_steps": 3,
-            "micro_batch_size": 2,
-            "global_batch_size": 4,
-            "cutoff_len": 384,
-            "learning_rate": 1e-3,
-            "checkpoint_every": 2,
-            "scaling": {"num_workers": 1, "use_gpu": False},
-        },
-        "evaluate": {
-            "datasets": ["gsm8k"],
-            "limit": 3,
-            "max_new_tokens": 16,
-            "ratios": [1.0, 0.5],
-            "baselines": ["original", "truncation"],
-            "latency_samples": 1,
-        },
-    }
-
-
-def test_ray_job_submit_runs_pipeline(ray_head, tmp_path, tiny_llama):
-    address, env = ray_head
-    run_dir = tmp_path / "run"
-    cfg_path = tmp_path / "tiny.yaml"
-    cfg_path.write_text(yaml.safe_dump(tiny_pipeline_config(run_dir, tiny_llama)))
-    runtime_env = {
-        "excludes": [".venv/", ".cache/", "runs/", ".git/", "*.egg-info/"],
-        "env_vars": {
-            k: env[k]
-            for k in ("TOKENSKIP_HOME", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", *CPU_ENV_KEYS)
-            if k in env
-        },
-    }
-    t0 = time.time()
-    r = subprocess.run(
-        [
-            str(BIN / "ray"),
-            "job",
-            "submit",
-            "--address",
-            address,
-            "--working-dir",
-            str(ROOT),
-            "--runtime-env-json",
-            json.dumps(runtime_env),
-            "--",
-            "python",
-            "-m",
-            "ray_jobs.pipeline",
-            "--config",
-            str(cfg_path),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    took = time.time() - t0
-    out = r.stdout + r.stderr
-    assert r.returncode == 0 and "succeeded" in out, out[-6000:]
+def test_ray_job_submit_runs_pipeline(tiny_pipeline):
+    run_dir, cfg_path, env, out = tiny_pipeline.run_dir, tiny_pipeline.config, tiny_pipeline.env, tiny_pipeline.output
+    took = tiny_pipeline.seconds
+    assert tiny_pipeline.returncode == 0 and "succeeded" in out, out[-6000:]
     print(f"ray job submit took {took:.1f} s")
     summary = json.loads((run_dir / "summary.json").read_text())
     for stage in ("generate", "cots", "prune", "build_sft", "train", "evaluate"):
@@ -128,7 +51,7 @@ def test_ray_job_submit_runs_pipeline(ray_head, tmp_path, tiny_llama):
     train_log = (logs / "train.log").read_text()
     assert "RayTrainWorker" in train_log or "TorchTrainer" in train_log or "tokenskip.train" in train_log
 
-    # A re-run (same cluster, same run_dir) finds every manifest and recomputes nothing.
+    # A re-run (a local driver, same run_dir) finds every manifest and recomputes nothing.
     before = {s: (run_dir / s / "manifest.json").stat().st_mtime for s in ("generate", "prune", "train", "evaluate")}
     r2 = subprocess.run(
         [str(BIN / "python"), "-m", "ray_jobs.pipeline", "--config", str(cfg_path)],

@@ -266,3 +266,29 @@ def test_budget_cut_needs_offsets_and_valid_options(tiny_scorer):
         prune_texts(["a b c"], [0.5], tiny_scorer, cut="budget")
     with pytest.raises(ValueError, match="unknown cut"):
         prune_texts(["a b c"], [0.5], tiny_scorer, cut="middle")
+
+
+def test_same_tokenizer_cache_is_not_fooled_by_a_reused_id():
+    """The cache is keyed by ids; an entry left by freed tokenizers whose ids were reused must not answer."""
+    import types
+
+    from tokenskip import pruning
+
+    class Tok:
+        def __init__(self, vocab):
+            self.vocab = vocab
+
+        def get_vocab(self):
+            return self.vocab
+
+    a, b = Tok({"x": 0}), Tok({"y": 0})
+    scorer, counter = types.SimpleNamespace(tokenizer=a), types.SimpleNamespace(tokenizer=b)
+    pruning._SAME[(id(a), id(b))] = (object(), object(), True)  # as if two freed tokenizers had these ids
+    try:
+        assert pruning.same_tokenizer(scorer, counter) is False
+        b.vocab = {"x": 0}
+        assert pruning.same_tokenizer(scorer, counter) is False  # cached for these very objects now
+        assert pruning.same_tokenizer(scorer, types.SimpleNamespace(tokenizer=a)) is True
+    finally:
+        pruning._SAME.pop((id(a), id(b)), None)
+        pruning._SAME.pop((id(a), id(a)), None)

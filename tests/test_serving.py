@@ -70,8 +70,31 @@ def strict_template_model(tiny_llama: str) -> str:
     return str(dest)
 
 
+_APP: dict = {}  # the running app: tests/test_reasoning_controls.py imports `served` and shares it
+
+
+def _needed_later(request) -> bool:
+    """Whether a test after this module (in this run's selection) uses the app too."""
+    items = request.session.items
+    mine = [i for i, it in enumerate(items) if getattr(it, "module", None) is request.module]
+    return any("served" in getattr(it, "fixturenames", ()) for it in items[max(mine, default=-1) + 1 :])
+
+
 @pytest.fixture(scope="module")
-def served(ray_local, tiny_llama, tiny_adapters, tmp_path_factory):
+def served(request, ray_local, tiny_llama, tiny_adapters, tmp_path_factory):
+    """One app per session for the modules that use it (this one and test_reasoning_controls.py),
+    shut down after the last of them: a second vLLM engine start would cost minutes."""
+    from ray import serve
+
+    if not _APP:
+        _APP.update(_start_app(tiny_llama, tiny_adapters, tmp_path_factory))
+    yield _APP
+    if not _needed_later(request):
+        serve.shutdown()
+        _APP.clear()
+
+
+def _start_app(tiny_llama, tiny_adapters, tmp_path_factory) -> dict:
     """Adapter `a`: a local dir, ratios from its adapter card, expected CoT tokens from the app
     config. Adapter `adapter-b`: under a file:// URI root (the object-store path, downloaded
     with pyarrow.fs), ratios and evaluation from its card (tokenskip.json)."""
@@ -99,6 +122,7 @@ def served(ray_local, tiny_llama, tiny_adapters, tmp_path_factory):
                 "name": "a",
                 "path": str(tmp / "train" / "adapter"),
                 "expected_cot_tokens": {"1.0": 300, "0.8": 220, "0.5": 140},
+                "reasoning_effort": {"minimal": 0.5},  # over the default map (test_reasoning_controls.py)
             }
         ],
         "adapter_root": f"file://{root}",
@@ -120,8 +144,7 @@ def served(ray_local, tiny_llama, tiny_adapters, tmp_path_factory):
     t0 = time.time()
     serve.run(build_app(args), name="tokenskip", route_prefix="/")
     print(f"\n[serve] app ready in {time.time() - t0:.1f}s on port {port}")
-    yield {"url": f"http://127.0.0.1:{port}", "tmp": tmp}
-    serve.shutdown()
+    return {"url": f"http://127.0.0.1:{port}", "tmp": tmp}
 
 
 @pytest.fixture(scope="module")

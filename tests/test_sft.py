@@ -1,5 +1,5 @@
-"""SFT construction: pure helpers (tokenskip.sft) and the select_cots / run_build_sft stages
-on hand-made generate and prune directories (no Ray, no vLLM)."""
+"""SFT construction: pure helpers (tokenskip.sft) and the cots (select_cots) / build_sft
+(run_build_sft) stages on hand-made generate and prune directories (no Ray, no vLLM)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tokenskip import artifacts, prompt, sft
-from tokenskip.config import BuildSFTConfig, ConfigError, DataSourceConfig, load_config
+from tokenskip.config import BuildSFTConfig, ConfigError, CotsConfig, DataSourceConfig, load_config
 
 RATIOS = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]
 
@@ -49,7 +49,9 @@ def test_splits_by_question():
 
 def test_config_validation():
     with pytest.raises(ConfigError, match="cot_source"):
-        load_config(BuildSFTConfig, data={"cot_source": "model"})
+        load_config(CotsConfig, data={"cot_source": "model"})
+    with pytest.raises(ConfigError, match="max_cot_tokens"):
+        load_config(CotsConfig, data={"max_cot_tokens": 0})
     with pytest.raises(ConfigError, match="ratios"):
         load_config(BuildSFTConfig, data={"ratios": [1.0, 1.2]})
     with pytest.raises(ConfigError, match="val_fraction"):
@@ -108,8 +110,8 @@ def _prune_dir(path: Path, cots_dir: Path, ratios=(0.9, 0.8, 0.7, 0.6, 0.5), ski
 
 def test_select_cots_generated(tmp_path, tiny_llama):
     gen = _generate_dir(tmp_path / "generate", tiny_llama)
-    cfg = BuildSFTConfig(
-        generations=str(gen), output_dir=str(tmp_path / "build_sft"), max_cot_tokens=500, target_tokenizer=tiny_llama
+    cfg = CotsConfig(
+        generations=str(gen), output_dir=str(tmp_path / "cots"), max_cot_tokens=500, target_tokenizer=tiny_llama
     )
     from pipelines.build_sft import select_cots
 
@@ -138,10 +140,10 @@ def test_select_cots_gold_counts_target_tokens(tmp_path, tiny_llama):
             ]
         )
     )
-    cfg = BuildSFTConfig(
+    cfg = CotsConfig(
         cot_source="gold",
         data=DataSourceConfig(name=str(src), kind="gsm8k"),
-        cots_dir=str(tmp_path / "cots"),
+        output_dir=str(tmp_path / "cots"),
         target_tokenizer=tiny_llama,
     )
     m = select_cots(cfg)
@@ -163,8 +165,8 @@ def test_build_sft_random_and_all(tmp_path, tiny_llama):
     from pipelines.build_sft import run_build_sft, select_cots
 
     gen = _generate_dir(tmp_path / "generate", tiny_llama)
-    base = dict(generations=str(gen), cots_dir=str(tmp_path / "cots"), target_tokenizer=tiny_llama, val_fraction=0.34)
-    select_cots(BuildSFTConfig(**base))
+    select_cots(CotsConfig(generations=str(gen), output_dir=str(tmp_path / "cots"), target_tokenizer=tiny_llama))
+    base = dict(cots_dir=str(tmp_path / "cots"), val_fraction=0.34)
     pruned = _prune_dir(tmp_path / "prune", tmp_path / "cots")
 
     cfg = BuildSFTConfig(**base, pruned=str(pruned), output_dir=str(tmp_path / "sft"), seed=3)
@@ -203,8 +205,8 @@ def test_build_sft_missing_pruned_rows_are_rejected(tmp_path, tiny_llama):
     from pipelines.build_sft import run_build_sft, select_cots
 
     gen = _generate_dir(tmp_path / "generate", tiny_llama)
-    base = dict(generations=str(gen), cots_dir=str(tmp_path / "cots"), target_tokenizer=tiny_llama)
-    select_cots(BuildSFTConfig(**base))
+    select_cots(CotsConfig(generations=str(gen), output_dir=str(tmp_path / "cots"), target_tokenizer=tiny_llama))
+    base = dict(cots_dir=str(tmp_path / "cots"))
     pruned = _prune_dir(tmp_path / "prune", tmp_path / "cots", skip=(("g-1", 0.5),))
     m = run_build_sft(
         BuildSFTConfig(**base, pruned=str(pruned), output_dir=str(tmp_path / "sft"), ratio_sampling="all")
@@ -218,6 +220,98 @@ def test_build_sft_requires_finished_inputs(tmp_path, tiny_llama):
     from pipelines.build_sft import run_build_sft, select_cots
 
     with pytest.raises(artifacts.StageError, match="not finished"):
-        select_cots(BuildSFTConfig(generations=str(tmp_path / "nope"), cots_dir=str(tmp_path / "cots")))
+        select_cots(CotsConfig(generations=str(tmp_path / "nope"), output_dir=str(tmp_path / "cots")))
     with pytest.raises(artifacts.StageError, match="not finished"):
         run_build_sft(BuildSFTConfig(cots_dir=str(tmp_path / "cots"), output_dir=str(tmp_path / "sft")))
+
+
+# ----------------------------------------------------------------------------- the cots stage's own config
+
+
+def _pipeline(tmp_path: Path, model: str, *overrides: str):
+    from tokenskip.config import PipelineConfig
+
+    data = {"run_dir": str(tmp_path / "run"), "model": model, "stages": ["generate", "prune", "build_sft"]}
+    return load_config(PipelineConfig, data=data, overrides=list(overrides))
+
+
+def test_cots_stage_is_fingerprinted_by_its_own_config(tmp_path, tiny_llama):
+    """Changing build_sft's keys does not refuse a finished cots stage; changing its own does."""
+    from pipelines.build_sft import select_cots
+    from pipelines.stages import stage_config
+
+    _generate_dir(tmp_path / "run" / "generate", tiny_llama)
+    cfg = stage_config(_pipeline(tmp_path, tiny_llama), "cots")
+    assert isinstance(cfg, CotsConfig) and cfg.output_dir == str(tmp_path / "run" / "cots")
+    first = select_cots(cfg)
+    assert first["counts"]["kept"] == 3 and first["config"]["output_dir"] == cfg.output_dir
+    assert artifacts.read_manifest(tmp_path / "run" / "cots")["stage"] == "cots"
+
+    other_sft = _pipeline(tmp_path, tiny_llama, "build_sft.ratios=[1.0, 0.5]", "build_sft.seed=7")
+    assert select_cots(stage_config(other_sft, "cots"))["finished_at"] == first["finished_at"]
+
+    shorter = _pipeline(tmp_path, tiny_llama, "cots.max_cot_tokens=10")
+    with pytest.raises(artifacts.ConfigChanged, match="max_cot_tokens: 500 -> 10"):
+        select_cots(stage_config(shorter, "cots"))
+    assert artifacts.read_manifest(tmp_path / "run" / "cots")["finished_at"] == first["finished_at"]
+
+
+def test_build_sft_finished_before_the_cots_split_is_reused(tmp_path, tiny_llama):
+    """A build_sft directory whose fingerprint still holds the cots keys (and cots_dir unset,
+    which meant <output_dir>/../cots) is reused; a real change is refused naming only it."""
+    import dataclasses
+
+    from pipelines.build_sft import run_build_sft, select_cots
+    from pipelines.stages import stage_config
+
+    _generate_dir(tmp_path / "run" / "generate", tiny_llama)
+    pipe = _pipeline(tmp_path, tiny_llama, "build_sft.ratio_sampling=all", "prune.ratios=[0.9, 0.8, 0.7, 0.6, 0.5]")
+    select_cots(stage_config(pipe, "cots"))
+    _prune_dir(tmp_path / "run" / "prune", tmp_path / "run" / "cots")
+    cfg = stage_config(pipe, "build_sft")
+    assert cfg.cots_dir == str(tmp_path / "run" / "cots") and cfg.pruned == str(tmp_path / "run" / "prune")
+    first = run_build_sft(cfg)
+    assert first["counts"]["rows"] == 18 and first["inputs"]["cots"] == cfg.cots_dir
+
+    # the fingerprint the previous layout wrote: build_sft's config with the cots keys in it
+    cots = stage_config(pipe, "cots")
+    old = dict(dataclasses.asdict(cfg), cots_dir=None)
+    old.update({k: getattr(cots, k) for k in ("generations", "cot_source", "max_cot_tokens", "target_tokenizer")})
+    old["data"] = dataclasses.asdict(cots.data)
+    fp = tmp_path / "run" / "build_sft" / artifacts.FINGERPRINT
+    fp.write_text(json.dumps(artifacts.config_fingerprint(old, "build_sft")))
+    assert "cot_source" in json.loads(fp.read_text())
+
+    assert run_build_sft(cfg)["finished_at"] == first["finished_at"]
+    upgraded = json.loads(fp.read_text())
+    assert "cot_source" not in upgraded and "data.name" not in upgraded
+    assert upgraded == artifacts.config_fingerprint(cfg, "build_sft")
+    with pytest.raises(artifacts.ConfigChanged) as e:
+        run_build_sft(dataclasses.replace(cfg, seed=1))
+    assert "seed: 42 -> 1" in str(e.value) and "cot_source" not in str(e.value)
+
+
+def test_cots_runs_as_a_single_stage(tmp_path, tiny_llama, capsys):
+    """``tokenskip cots`` with a ``kind: cots`` YAML and with a pipeline YAML (its cots section)."""
+    from ray_jobs import cli
+
+    gen = _generate_dir(tmp_path / "run" / "generate", tiny_llama)
+    stage_yaml = tmp_path / "cots.yaml"
+    stage_yaml.write_text(f"kind: cots\ngenerations: {gen}\noutput_dir: {tmp_path / 'alone'}\nmax_cot_tokens: 20\n")
+    assert cli.main(["cots", "--config", str(stage_yaml)]) == 0
+    assert artifacts.read_manifest(tmp_path / "alone")["counts"]["kept"] == 3
+    assert '"kept": 3' in capsys.readouterr().out
+
+    pipe_yaml = tmp_path / "pipe.yaml"
+    pipe_yaml.write_text(
+        f"kind: pipeline\nrun_dir: {tmp_path / 'run'}\nmodel: {tiny_llama}\ncots: {{max_cot_tokens: 5}}\n"
+    )
+    assert cli.main(["cots", "--config", str(pipe_yaml), "max_cot_tokens=1000"]) == 0  # override: the cots section
+    m = artifacts.read_manifest(tmp_path / "run" / "cots")
+    assert m["counts"]["kept"] == 4 and m["config"]["max_cot_tokens"] == 1000
+    assert m["inputs"]["generations"] == str(gen)
+    bad = tmp_path / "old.yaml"
+    bad.write_text(f"kind: pipeline\nrun_dir: {tmp_path / 'run'}\nbuild_sft: {{cot_source: gold}}\n")
+    assert cli.main(["cots", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "build_sft.cot_source moved to cots.cot_source" in err

@@ -217,35 +217,23 @@ def test_logs_to_a_real_mlflow_server(mlflow_server, tmp_path):
 # --------------------------------------------------------------------------- the tiny pipeline
 
 
-def _tiny_pipeline(run_dir: Path, model: str) -> dict:
-    return {
-        "kind": "pipeline", "name": "tiny-tracked", "run_dir": str(run_dir), "model": model,
-        "stages": ["generate", "prune", "build_sft", "train", "evaluate"], "ray": {"num_cpus": 4},
-        "generate": {"data": {"name": "gsm8k", "split": "train", "limit": 2}, "max_new_tokens": 8, "shard_rows": 2},
-        "prune": {"scorer": "self_info", "scorer_model": model, "target_tokenizer": model},
-        "build_sft": {"data": {"name": "gsm8k", "split": "train", "limit": 16}, "cot_source": "gold",
-                      "val_fraction": 0.1, "target_tokenizer": model},
-        "train": {"max_steps": 3, "micro_batch_size": 2, "global_batch_size": 4, "cutoff_len": 256,
-                  "learning_rate": 1e-3, "checkpoint_every": 3, "scaling": {"num_workers": 1, "use_gpu": False}},
-        "evaluate": {"datasets": ["gsm8k"], "limit": 2, "max_new_tokens": 8, "ratios": [1.0, 0.5],
-                     "baselines": ["original"], "latency_samples": 1},
-    }
-
-
 @pytest.mark.integration
-def test_tiny_pipeline_metrics_read_back(ray_local, tmp_path, tiny_llama):
-    from ray_jobs.pipeline import run_pipeline
-
-    run_dir = tmp_path / "run"
-    pipe = load_config(PipelineConfig, data=_tiny_pipeline(run_dir, tiny_llama))
-    summary = run_pipeline(pipe)
+def test_tiny_pipeline_metrics_read_back(tiny_pipeline):
+    """The session's tiny pipeline (run once through `ray job submit`, see tests/conftest.py) read
+    back from the local MLflow store it wrote under its run_dir."""
+    assert tiny_pipeline.returncode == 0, tiny_pipeline.output[-6000:]
+    run_dir = tiny_pipeline.run_dir
+    summary = json.loads((run_dir / "summary.json").read_text())
     assert Path(summary["adapter"]).is_dir()
     uri = tracking.local_uri(run_dir)
     c = _client(uri)
-    runs = {r.info.run_name: r for r in _runs(uri, "tiny-tracked")}
-    parent = runs.pop("tiny-tracked")
+    every = _runs(uri, "tiny")
+    # the first run's parent (tests/test_pipeline_job.py re-runs the same run_dir, which may log another)
+    parent = min((r for r in every if tracking.PARENT_TAG not in r.data.tags), key=lambda r: r.info.start_time)
+    assert parent.info.run_name == "tiny"
+    runs = {r.info.run_name: r for r in every if r.data.tags.get(tracking.PARENT_TAG) == parent.info.run_id}
     assert parent.info.status == "FINISHED"
-    assert parent.data.params["train.max_steps"] == "3" and parent.data.params["name"] == "tiny-tracked"
+    assert parent.data.params["train.max_steps"] == "3" and parent.data.params["name"] == "tiny"
     assert {"generate", "prune", "build_sft", "train", "evaluate"} <= set(runs)
     for name, r in runs.items():
         assert r.data.tags[tracking.PARENT_TAG] == parent.info.run_id
@@ -259,6 +247,6 @@ def test_tiny_pipeline_metrics_read_back(ray_local, tmp_path, tiny_llama):
     assert runs["train"].data.params["max_steps"] == "3"  # the pipeline logs each stage's config
     ev = runs["evaluate"]
     assert 0.0 <= ev.data.metrics["gsm8k/original/accuracy"] <= 1.0
-    assert sorted(m.step for m in c.get_metric_history(ev.info.run_id, "gsm8k/tokenskip/mean_tokens")) == [50, 100]
+    assert sorted(m.step for m in c.get_metric_history(ev.info.run_id, "gsm8k/tokenskip/mean_tokens")) == [50, 70, 100]
     arts = [a.path for a in c.list_artifacts(ev.info.run_id)]
     assert {"results.json", "table.md", "accuracy_vs_tokens.png", "ratio_adherence.png", "manifest.json"} <= set(arts)

@@ -229,6 +229,7 @@ def write_manifest(
 
 _STAGE_OF_CONFIG = {
     "GenerateConfig": "generate",
+    "CotsConfig": "cots",
     "PruneConfig": "prune",
     "BuildSFTConfig": "build_sft",
     "TrainConfig": "train",

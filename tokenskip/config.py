@@ -284,30 +284,56 @@ class PruneConfig:
 
 
 @dataclass
-class BuildSFTConfig:
-    """Stages 2+4: grade/filter CoTs, join the pruned versions, write the SFT set."""
+class CotsConfig:
+    """Stage 2: select the CoTs to prune: correct generations within ``max_cot_tokens``, or the
+    dataset's own (gold) solutions."""
 
-    generations: str | None = field(default=None, metadata={"help": "generate stage directory (cot_source=generated)"})
-    pruned: str | None = field(default=None, metadata={"help": "prune stage directory"})
-    data: DataSourceConfig = field(default_factory=DataSourceConfig, metadata={"help": "questions (cot_source=gold)"})
+    generations: str | None = field(
+        default=None,
+        metadata={"help": "generate stage directory, read with cot_source: generated (pipeline: <run_dir>/generate)"},
+    )
+    data: DataSourceConfig = field(
+        default_factory=DataSourceConfig,
+        metadata={"help": "questions, read with cot_source: gold (pipeline default: the generate section's data)"},
+    )
+    output_dir: str | None = field(
+        default=None, metadata={"help": "stage output directory (pipeline sets it to <run_dir>/cots)"}
+    )
+    cot_source: str = field(
+        default="generated",
+        metadata={"help": "generated (the model's correct CoTs) | gold (the dataset's worked solutions)"},
+    )
+    max_cot_tokens: int = field(default=500, metadata={"help": "drop CoTs longer than this (target-model tokens)"})
+    target_tokenizer: str = field(
+        default="smollm2-135m-instruct",
+        metadata={"help": "tokenizer counting gold CoTs' tokens (pipeline: its model unless set)"},
+    )
+
+    def __post_init__(self) -> None:
+        _choice(self, "cot_source", ("generated", "gold"))
+        _positive(self, "max_cot_tokens")
+
+
+@dataclass
+class BuildSFTConfig:
+    """Stage 4: join the selected CoTs with their pruned versions, draw γ, write the SFT set."""
+
+    cots_dir: str | None = field(
+        default=None, metadata={"help": "cots stage directory (pipeline sets it to <run_dir>/cots)"}
+    )
+    pruned: str | None = field(
+        default=None, metadata={"help": "prune stage directory (pipeline sets it to <run_dir>/prune)"}
+    )
     output_dir: str | None = None
-    cot_source: str = field(default="generated", metadata={"help": "generated | gold"})
-    max_cot_tokens: int = 500
     ratios: list[float] = field(default_factory=lambda: list(gamma.DEFAULT_RATIOS))
     ratio_sampling: str = field(default="random", metadata={"help": "random (one γ per question) | all"})
     seed: int = 42
     val_fraction: float = 0.05
     format: str = field(default="parquet", metadata={"help": "parquet | jsonl"})
-    target_tokenizer: str = "smollm2-135m-instruct"
-    cots_dir: str | None = field(
-        default=None, metadata={"help": "selected-CoTs stage directory (None: <output_dir>/../cots)"}
-    )
 
     def __post_init__(self) -> None:
-        _choice(self, "cot_source", ("generated", "gold"))
         _choice(self, "ratio_sampling", ("random", "all"))
         _choice(self, "format", ("parquet", "jsonl"))
-        _positive(self, "max_cot_tokens")
         if not (0.0 <= self.val_fraction < 1.0):
             raise ConfigError(f"build_sft.val_fraction must be in [0, 1), got {self.val_fraction}")
         self.ratios = _ratios(self.ratios, "build_sft.ratios")
@@ -454,7 +480,17 @@ class EvalConfig:
     budget_scales_with_ratio: bool = field(
         default=False, metadata={"help": "max tokens = max_len x γ (the paper's MATH setting)"}
     )
-    baselines: list[str] = field(default_factory=lambda: ["original", "prompt", "truncation"])
+    baselines: list[str] = field(
+        default_factory=lambda: ["original", "prompt", "truncation"],
+        metadata={"help": "original | prompt | truncation | budget_forcing (cut CoT + forced answer)"},
+    )
+    force_answer_tokens: int = field(
+        default=24, metadata={"help": "new tokens a forced answer may take (budget_forcing, hard_budgets)"}
+    )
+    hard_budgets: list[int] = field(
+        default_factory=list,
+        metadata={"help": "CoT-token budgets B: TokenSkip routed to fit B vs the base model, both capped at B"},
+    )
     latency_samples: int = field(default=8, metadata={"help": "questions timed one at a time (batch size 1)"})
     engine_kwargs: dict = field(default_factory=dict)
     num_gpus: float = field(
@@ -491,16 +527,32 @@ class EvalConfig:
         _choice(self, "merge_adapter", ("auto", "true", "false"))
         _positive(self, "limit", "max_new_tokens", allow_none=True)
         _nonneg(self, "latency_samples", "num_gpus", "num_cpus")
-        bad = set(self.baselines) - {"original", "prompt", "truncation"}
+        bad = set(self.baselines) - {"original", "prompt", "truncation", "budget_forcing"}
         if bad:
-            raise ConfigError(f"eval.baselines: unknown {sorted(bad)} (valid: original, prompt, truncation)")
+            raise ConfigError(
+                f"eval.baselines: unknown {sorted(bad)} (valid: original, prompt, truncation, budget_forcing)"
+            )
+        _positive(self, "force_answer_tokens")
+        if not isinstance(self.hard_budgets, (list, tuple)):
+            raise ConfigError(f"eval.hard_budgets must be a list of token counts, got {self.hard_budgets!r}")
+        for i, b in enumerate(self.hard_budgets):
+            if isinstance(b, bool) or not isinstance(b, int) or b <= 0:
+                raise ConfigError(f"eval.hard_budgets[{i}] must be a positive whole number of tokens, got {b!r}")
+            if self.max_new_tokens is not None and b > self.max_new_tokens:
+                raise ConfigError(
+                    f"eval.hard_budgets[{i}] = {b} exceeds eval.max_new_tokens = {self.max_new_tokens} "
+                    "(a budget above the cap is never reached)"
+                )
+        if len(set(self.hard_budgets)) != len(self.hard_budgets):
+            raise ConfigError(f"eval.hard_budgets has duplicates: {list(self.hard_budgets)}")
+        self.hard_budgets = sorted(self.hard_budgets)
         if not self.datasets:
             raise ConfigError("eval.datasets must not be empty")
 
 
 @dataclass
 class PipelineConfig:
-    """One experiment: generate -> prune -> build SFT -> train -> evaluate."""
+    """One experiment: generate -> select CoTs -> prune -> build SFT -> train -> evaluate."""
 
     name: str = "experiment"
     run_dir: str = field(
@@ -514,6 +566,7 @@ class PipelineConfig:
         default_factory=dict, metadata={"help": "ray.init kwargs for local runs (ignored when RAY_ADDRESS is set)"}
     )
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    cots: CotsConfig = field(default_factory=CotsConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     build_sft: BuildSFTConfig = field(default_factory=BuildSFTConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -527,14 +580,25 @@ class PipelineConfig:
             raise ConfigError(f"pipeline.stages: unknown stage(s) {bad} (valid: {list(STAGES)})")
 
 
-STAGES = ("generate", "prune", "build_sft", "train", "evaluate")
+# The stages a pipeline's ``stages`` may name (the table, pipelines/stages.py, orders and wires
+# them; ``cots`` also runs whenever prune or build_sft does).
+STAGES = ("generate", "cots", "prune", "build_sft", "train", "evaluate")
 KINDS: dict[str, type] = {
     "pipeline": PipelineConfig,
     "generate": GenerateConfig,
+    "cots": CotsConfig,
     "prune": PruneConfig,
     "build_sft": BuildSFTConfig,
     "train": TrainConfig,
     "evaluate": EvalConfig,
+}
+
+# Keys that left a section for another one: an old YAML that still has them gets an error
+# saying where they went (config class -> {old key: new dotted key}).
+MOVED_KEYS: dict[type, dict[str, str]] = {
+    BuildSFTConfig: {
+        k: f"cots.{k}" for k in ("generations", "data", "cot_source", "max_cot_tokens", "target_tokenizer")
+    },
 }
 
 # --------------------------------------------------------------------------- loading
@@ -606,6 +670,14 @@ def _build(cls: type, data: dict, prefix: str, origin: str) -> Any:
     for key in data:
         if key not in names:
             dotted = f"{prefix}.{key}" if prefix else key
+            moved = MOVED_KEYS.get(cls, {}).get(key)
+            if moved:
+                section = moved.split(".")[0]
+                was = dotted if prefix else f"{next(k for k, v in KINDS.items() if v is cls)}.{key}"
+                raise ConfigError(
+                    f"{origin}: {was} moved to {moved} (the {section} stage's section of a pipeline YAML; "
+                    f"in a stage YAML: kind: {section})"
+                )
             raise ConfigError(f"{origin}: unknown key '{dotted}' (valid: {', '.join(sorted(names))})")
     kwargs = {}
     for f in dataclasses.fields(cls):
@@ -731,7 +803,7 @@ def stage_config(pipe: PipelineConfig, stage: str) -> Any:
         cfg.target_tokenizer = pipe.model
     if getattr(cfg, "output_dir", None) is None:
         cfg.output_dir = f"{run}/{stage}"
-    if stage == "build_sft":
+    if stage == "cots":  # gold CoTs: by default the questions the generate stage reads
         cfg.data = cfg.data if cfg.data != DataSourceConfig() else pipe.generate.data
     return cfg
 

@@ -65,6 +65,25 @@ def cpu_env_vars() -> dict[str, str]:
     return {k: os.environ[k] for k in CPU_ENV_KEYS if k in os.environ}
 
 
+SMALL_MODEL_BYTES = 1 << 30  # weights under 1 GiB on disk (SmolLM2-135M in fp32: 0.5 GiB)
+
+
+def is_small_model(path: str) -> bool:
+    """Whether a local model directory holds under :data:`SMALL_MODEL_BYTES` of weights (a hub id
+    that is not a local directory is not known to be small).
+
+    >>> is_small_model("Qwen/Qwen2.5-7B-Instruct")
+    False
+    """
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_dir():
+        return False
+    weights = [f for pat in ("*.safetensors", "*.bin", "*.pt") for f in p.glob(pat)]
+    return bool(weights) and sum(f.stat().st_size for f in weights) < SMALL_MODEL_BYTES
+
+
 def engine_kwargs_for(
     model: str, engine_kwargs: dict | None = None, *, enable_lora: bool = False, max_lora_rank: int = 16, seed: int = 0
 ) -> dict:
@@ -73,6 +92,11 @@ def engine_kwargs_for(
     if not on_gpu():
         # AVX2-only CPUs run bf16 slowly; fp32 measured faster for the 135M model.
         kw.update({"dtype": "float32", "max_model_len": 4096})
+        if is_small_model(kw["model"]):
+            # No torch.compile for small models on CPU: the compile costs more than it saves at the
+            # sizes the quickstart and the tests run (benchmarks/engine_start.py: start + decode
+            # 0.96x of a warm-cache compiled engine, 0.50x of a cold one, for 30 x 256 tokens).
+            kw["enforce_eager"] = True
     if enable_lora:
         kw.update({"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": 2})
     kw.update(engine_kwargs or {})

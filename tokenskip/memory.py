@@ -152,14 +152,28 @@ def largest_layer_params(a: dict) -> int:
     return max(a["vocab"] * a["hidden"], a["hidden"] * a["intermediate"])
 
 
+def _deepspeed_attr(module: str, name: str):
+    """``module.name`` from DeepSpeed. Its first import builds DeepSpeed's logger with a handler
+    on whatever ``sys.stdout`` is at that moment and logs "Setting accelerator to CPU" there; a
+    caller that swapped ``sys.stdout`` (doctest, a capture) would get that line in its output and
+    keep receiving DeepSpeed's later logs. Imported with the process's own stdout in place."""
+    import contextlib
+    import importlib
+    import sys
+
+    with contextlib.redirect_stdout(sys.__stdout__ or sys.stdout):
+        return getattr(importlib.import_module(module), name)
+
+
 def _ds_states(
     trainable: int, largest_trainable: int, stage: int, gpus: int, offload_opt: bool, offload_params: bool
 ) -> tuple[int, str]:
     """GPU bytes for the trainable params' model states, from DeepSpeed's estimators."""
     try:
         if stage == 3:
-            from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-
+            estimate_zero3_model_states_mem_needs = _deepspeed_attr(
+                "deepspeed.runtime.zero.stage3", "estimate_zero3_model_states_mem_needs"
+            )
             _cpu, gpu, _largest = estimate_zero3_model_states_mem_needs(
                 trainable,
                 largest_trainable,
@@ -171,8 +185,9 @@ def _ds_states(
             )
             return gpu, "deepspeed.estimate_zero3_model_states_mem_needs"
         if stage in (1, 2):
-            from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
-
+            estimate_zero2_model_states_mem_needs = _deepspeed_attr(
+                "deepspeed.runtime.zero.stage_1_and_2", "estimate_zero2_model_states_mem_needs"
+            )
             _cpu, gpu = estimate_zero2_model_states_mem_needs(
                 trainable, gpus, 1, cpu_offload=offload_opt, additional_buffer_factor=1.0
             )

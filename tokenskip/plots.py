@@ -1,9 +1,10 @@
 """PNG plots of an evaluation (matplotlib, Agg backend: no display needed).
 
 * ``accuracy_vs_tokens``: accuracy against mean CoT tokens, one point per γ and per
-  baseline, one panel per dataset.
-* ``ratio_adherence``: requested γ against the measured actual ratio (TokenSkip and
-  truncation), with the y = x line a perfectly controllable model would sit on.
+  baseline (each γ point labelled with its latency at batch size 1 when measured), one
+  panel per dataset.
+* ``ratio_adherence``: requested γ against the measured actual ratio (TokenSkip, truncation
+  and budget forcing), with the y = x line a perfectly controllable model would sit on.
 
 Both take the ``results`` dict that ``pipelines/evaluate.py`` writes to results.json.
 """
@@ -23,7 +24,9 @@ _STYLE = {
     "tokenskip": ("tab:blue", "o"),
     "prompt": ("tab:green", "s"),
     "truncation": ("tab:red", "v"),
+    "budget_forcing": ("tab:purple", "^"),
 }
+_PER_GAMMA = ("tokenskip", "truncation", "budget_forcing")  # one line per method, a point per γ
 
 
 def _panels(n: int):
@@ -50,7 +53,7 @@ def accuracy_vs_tokens(results: dict, path: str | os.PathLike) -> str:
     fig, axes = _panels(len(datasets))
     for ax, (name, ds) in zip(axes, datasets.items()):
         rows = [r for r in ds["conditions"] if _cot(r) is not None and _acc(r) is not None]
-        for method in ("tokenskip", "truncation"):
+        for method in _PER_GAMMA:
             series = sorted((r for r in rows if r["method"] == method), key=lambda r: -r["ratio"])
             if not series:
                 continue
@@ -66,7 +69,7 @@ def accuracy_vs_tokens(results: dict, path: str | os.PathLike) -> str:
             )
             for r in series:
                 ax.annotate(
-                    f"γ={r['ratio']:g}",
+                    f"γ={r['ratio']:g}" + (f", {r['latency_s']:.2f} s" if r.get("latency_s") is not None else ""),
                     (_cot(r), _acc(r)),
                     textcoords="offset points",
                     xytext=(4, 4),
@@ -117,7 +120,7 @@ def ratio_adherence(results: dict, path: str | os.PathLike) -> str:
     fig, axes = _panels(len(datasets))
     for ax, (name, ds) in zip(axes, datasets.items()):
         ax.plot([0, 1.05], [0, 1.05], color="grey", linestyle=":", label="actual = requested")
-        for method in ("tokenskip", "truncation"):
+        for method in _PER_GAMMA:
             series = sorted(
                 (r for r in ds["conditions"] if r["method"] == method and r.get("actual_ratio") is not None),
                 key=lambda r: r["ratio"],

@@ -110,6 +110,24 @@ def answer_sentence(answer: str) -> str:
     return f"{ANSWER_PREFIX}$\\boxed{{{answer}}}$"
 
 
+# The answer sentence up to its answer: what a forced answer (budget forcing, a hard
+# reasoning budget) appends after a cut CoT so that the model writes only the answer.
+ANSWER_OPENING = f"{ANSWER_PREFIX}$\\boxed{{"
+
+
+def forced_answer_text(cot: str) -> str:
+    """A cut CoT followed by the answer sentence's opening, laid out as :func:`build_target`
+    lays out the whole target (an empty CoT gets no blank line).
+
+    >>> forced_answer_text("2+3=5 ")
+    '2+3=5\\n\\nThe final answer is: $\\\\boxed{'
+    >>> forced_answer_text("") == ANSWER_OPENING
+    True
+    """
+    cot = (cot or "").rstrip()
+    return f"{cot}\n\n{ANSWER_OPENING}" if cot else ANSWER_OPENING
+
+
 def build_target(cot: str, answer: str) -> str:
     """Training completion: the (possibly pruned) CoT, then the answer sentence."""
     return f"{cot.rstrip()}\n\n{answer_sentence(answer)}"

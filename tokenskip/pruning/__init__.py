@@ -279,12 +279,16 @@ def same_tokenizer(scorer: Any, counter: "TokenCounter") -> bool:
     if a is None or b is None:
         return False
     key = (id(a), id(b))
-    if key not in _SAME:
-        _SAME[key] = a is b or (type(a) is type(b) and a.get_vocab() == b.get_vocab())
-    return _SAME[key]
+    hit = _SAME.get(key)
+    if hit is None or hit[0] is not a or hit[1] is not b:  # ids of freed tokenizers can be reused
+        hit = (a, b, a is b or (type(a) is type(b) and a.get_vocab() == b.get_vocab()))
+        _SAME[key] = hit
+    return hit[2]
 
 
-_SAME: dict[tuple[int, int], bool] = {}
+# (scorer tokenizer, counter tokenizer, same?) by their ids; the entry holds both tokenizers, so
+# an id is not reused for another object while its answer is cached.
+_SAME: dict[tuple[int, int], tuple[Any, Any, bool]] = {}
 
 
 def prune_rows(
