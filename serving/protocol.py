@@ -359,20 +359,17 @@ def hard_budget(req: dict, app_default: bool) -> int | None:
 
 
 def forced_suffix(cot: str) -> str:
-    """What the server appends to a CoT cut by a hard budget: a blank line (as
-    :func:`tokenskip.prompt.build_target` lays out the target) and the answer sentence's
-    opening :data:`tokenskip.prompt.ANSWER_OPENING`.
+    """What the server appends to a CoT cut by a hard budget:
+    :func:`tokenskip.prompt.forced_answer_suffix` (the layout evaluation's budget forcing uses too).
 
     >>> forced_suffix("2+3=5")
     '\\n\\nThe final answer is: $\\\\boxed{'
     >>> forced_suffix("2+3=5\\n") == "\\n" + forced_suffix("")
     True
     """
-    from tokenskip.prompt import ANSWER_OPENING
+    from tokenskip.prompt import forced_answer_suffix
 
-    if not cot.strip() or cot.endswith("\n\n"):
-        return ANSWER_OPENING
-    return ("\n" if cot.endswith("\n") else "\n\n") + ANSWER_OPENING
+    return forced_answer_suffix(cot)
 
 
 _PREFIX_ONLY_RE = re.compile(r"the final answer is\s*:?\s*\$?\s*$", re.IGNORECASE)

@@ -115,9 +115,26 @@ def answer_sentence(answer: str) -> str:
 ANSWER_OPENING = f"{ANSWER_PREFIX}$\\boxed{{"
 
 
+def forced_answer_suffix(cot: str) -> str:
+    """What follows a CoT cut at a budget, as text to append to it unchanged (a server cannot
+    take back generated tokens): a blank line, as :func:`build_target` lays out the target
+    (only what is missing of it), then the answer sentence's opening :data:`ANSWER_OPENING`.
+
+    >>> forced_answer_suffix("2+3=5")
+    '\\n\\nThe final answer is: $\\\\boxed{'
+    >>> forced_answer_suffix("2+3=5\\n") == "\\n" + ANSWER_OPENING
+    True
+    >>> forced_answer_suffix("") == forced_answer_suffix("2+3=5\\n\\n") == ANSWER_OPENING
+    True
+    """
+    if not cot.strip() or cot.endswith("\n\n"):
+        return ANSWER_OPENING
+    return ("\n" if cot.endswith("\n") else "\n\n") + ANSWER_OPENING
+
+
 def forced_answer_text(cot: str) -> str:
-    """A cut CoT followed by the answer sentence's opening, laid out as :func:`build_target`
-    lays out the whole target (an empty CoT gets no blank line).
+    """A cut CoT (trailing space dropped) followed by :func:`forced_answer_suffix`, laid out as
+    :func:`build_target` lays out the whole target (an empty CoT gets no blank line).
 
     >>> forced_answer_text("2+3=5 ")
     '2+3=5\\n\\nThe final answer is: $\\\\boxed{'
@@ -125,7 +142,7 @@ def forced_answer_text(cot: str) -> str:
     True
     """
     cot = (cot or "").rstrip()
-    return f"{cot}\n\n{ANSWER_OPENING}" if cot else ANSWER_OPENING
+    return cot + forced_answer_suffix(cot)
 
 
 def build_target(cot: str, answer: str) -> str:
