@@ -63,8 +63,9 @@ def target_nlls(model, tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[fl
     ids = torch.tensor([e["input_ids"] + [pad] * (width - len(e["input_ids"])) for e in exs])
     att = torch.tensor([[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in exs])
     labels = torch.tensor([e["labels"] + [-100] * (width - len(e["labels"])) for e in exs])
+    dev = next(model.parameters()).device
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=att).logits[:, :-1].float()
+        logits = model(input_ids=ids.to(dev), attention_mask=att.to(dev)).logits[:, :-1].float().cpu()
     tgt = labels[:, 1:]
     mask = tgt != -100
     logp = torch.log_softmax(logits, dim=-1).gather(2, tgt.clamp(min=0).unsqueeze(2)).squeeze(2)

@@ -196,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--self-info-repeat", type=int, default=1, help="best of N for the self-info (b) and (c)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda (every scorer and the reference)")
     p.add_argument("--cots", default=None, help="model CoTs (jsonl/parquet, field cot) for the gsm8k_300 bucket")
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--force", action="store_true", help="LLaMA settings: force_tokens Step/:, digits, drop_consecutive")
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     kw = dict(force_tokens=["Step", ":"], force_reserve_digit=True, drop_consecutive=True) if args.force else {}
-    clf = load_scorer("llmlingua2", model, device="cpu", batch_size=args.batch_size)
+    clf = load_scorer("llmlingua2", model, device=args.device, batch_size=args.batch_size)
     data = buckets(dict(zip(BUCKETS, args.n)), clf.tokenizer, args.cots)
     data = {b: data[b] for b in args.buckets}
     print(
@@ -227,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     res: dict = {
+        "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(0),
         "ratios": ratios,
         "model": model,
         "self_info_model": args.self_info_model,
@@ -244,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_reference:
             from llmlingua import PromptCompressor
 
-            pc = PromptCompressor(model, device_map="cpu", use_llmlingua2=True)
+            pc = PromptCompressor(model, device_map=args.device, use_llmlingua2=True)
         for b, texts in data.items():
             m = measure(clf, texts, ratios, args.repeat, **kw)
             row = {k: v for k, v in m.items() if k != "outputs"}
@@ -264,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         del pc
 
     if "self_info" in args.scorers:
-        si = load_scorer("self_info", args.self_info_model, device="cpu")
+        si = load_scorer("self_info", args.self_info_model, device=args.device)
         counter = TokenCounter(args.self_info_model)
         si_kw = dict(cut="budget", protect="numbers", count_text=lambda t: counter([t])[0])
         prune_texts(data[args.buckets[0]][:2], ratios, si, **si_kw)  # warm-up

@@ -31,6 +31,9 @@ from tokenskip import gamma
 FORMAT_VERSION = 1
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 SEPARATOR = "<|eot_id|>"
+# The γ marker appended to the user turn (γ < 1); {sep} is SEPARATOR, {ratio} is format_ratio(γ).
+# benchmarks/gamma_sweep.py measures other forms (its ``marker`` setting) against this one.
+MARKER = "{sep}{ratio}{sep}"
 ANSWER_PREFIX = "The final answer is: "
 
 # Prompt-based compression baselines (docs/method.md §4), keyed by a short name.
@@ -69,13 +72,26 @@ def format_spec() -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "separator": SEPARATOR,
-        "marker": f"{{question}}{SEPARATOR}{{ratio}}{SEPARATOR}",
+        "marker": "{question}" + MARKER.format(sep=SEPARATOR, ratio="{ratio}", pct="{pct}"),
         "instruction": INSTRUCTION,
     }
 
 
-def user_content(question: str, ratio: float | None = None, extra_instruction: str | None = None) -> str:
-    """The user turn for a question at compression ratio γ.
+def marker_text(ratio: float, template: str | None = None) -> str:
+    """The marker for γ: :data:`MARKER` (or an experiment's ``template``, with the same fields
+    plus ``{pct}``, γ in percent).
+
+    >>> marker_text(0.5), marker_text(0.7, "{sep}{ratio}{sep}{ratio}{sep}")
+    ('<|eot_id|>0.5<|eot_id|>', '<|eot_id|>0.7<|eot_id|>0.7<|eot_id|>')
+    """
+    return (template or MARKER).format(sep=SEPARATOR, ratio=format_ratio(ratio), pct=round(100 * ratio))
+
+
+def user_content(
+    question: str, ratio: float | None = None, extra_instruction: str | None = None, marker: str | None = None
+) -> str:
+    """The user turn for a question at compression ratio γ (``marker``: an experiment's
+    template instead of :data:`MARKER`, see :func:`marker_text`).
 
     ``extra_instruction`` appends a prompting baseline (e.g. "Be concise.") to the
     instruction; it is used only by the prompt-compression baselines.
@@ -88,7 +104,7 @@ def user_content(question: str, ratio: float | None = None, extra_instruction: s
     instruction = INSTRUCTION if not extra_instruction else f"{INSTRUCTION} {extra_instruction.strip()}"
     text = f"{instruction}\n{question}"
     if has_marker(ratio):
-        text += f"{SEPARATOR}{format_ratio(ratio)}{SEPARATOR}"
+        text += marker_text(ratio, marker)
     return text
 
 

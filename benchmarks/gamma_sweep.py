@@ -1,0 +1,332 @@
+"""What makes γ learnable for a small model: marker form, epochs, rank, learning rate, data.
+
+Each *variant* trains a fresh LoRA adapter on the same SFT rows (a build_sft stage's
+``train.parquet``: question, γ, pruned target) with the quickstart's recipe unless the variant
+changes it, then measures, on the same held-out questions:
+
+* **adherence by generation** - greedy outputs for GSM8K test questions at every trained γ:
+  mean and median CoT tokens (the tokens before the final-answer sentence, in the model's
+  tokenizer), actual ratio (mean CoT tokens(γ) / mean CoT tokens(γ = 1)), |actual − γ|, the
+  runaway share (outputs that hit ``--max-new-tokens``) and accuracy;
+* **the γ probe** (benchmarks/gamma_probe.py) - whether the adapter gives a held-out target
+  pruned to γ' its best likelihood when the prompt says γ' (discrimination; chance = 1/#γ);
+* **training throughput** - processed tokens/s (real + padding) and real tokens/s.
+
+The training loop is the Ray Train worker's step without Ray (plain PyTorch + PEFT: AdamW,
+warm-up + cosine, clipping 1.0, length-grouped micro-batches, one device, global batch =
+``--batch``), so a sweep runs where only torch, transformers and peft are installed (a GPU
+box without Ray). Its figures say which recipe to make the default; the default itself is
+then checked by the real pipeline (``make quickstart``).
+
+    python -m benchmarks.gamma_sweep --sft runs/quickstart/build_sft/train.parquet \
+        --variants base ep3 x3 --eval-n 100 --json benchmarks/results/gamma_sweep.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# marker templates (tokenskip.prompt.marker_text fields: {sep}, {ratio}, {pct})
+MARKERS = {
+    "eot": None,  # tokenskip.prompt.MARKER, the shipped one
+    "x3": "{sep}{ratio}{sep}{ratio}{sep}{ratio}{sep}",
+    "words": "{sep}Compress the reasoning to {pct}% of its usual length.{sep}",
+}
+QUICKSTART = dict(marker="eot", lr=1e-3, epochs=1.0, rank=8, group=True, sft=None)
+VARIANTS: dict[str, dict] = {
+    "base": {},
+    "nogroup": {"group": False},
+    "ep3": {"epochs": 3.0},
+    "ep6": {"epochs": 6.0},
+    "lr3e-3": {"lr": 3e-3},
+    "ep3_lr3e-3": {"epochs": 3.0, "lr": 3e-3},
+    "ep3_r32": {"epochs": 3.0, "rank": 32},
+    "x3": {"marker": "x3"},
+    "x3_ep3": {"marker": "x3", "epochs": 3.0},
+    "words": {"marker": "words"},
+    "words_ep3": {"marker": "words", "epochs": 3.0},
+    "adh": {"sft": "adherence"},
+    "adh_ep3": {"sft": "adherence", "epochs": 3.0},
+}
+
+
+def load_rows(path: str) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(path).to_pylist()
+    return [{"question": r["question"], "ratio": float(r["ratio"]), "completion": r["completion"]} for r in rows]
+
+
+def train(model_path: str, tok, rows: list[dict], v: dict, a, device: str) -> tuple[object, dict]:
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tokenskip import prompt
+    from tokenskip.training import Collator, build_lora_config, length_grouped_order, lr_factor, tokenize_pair
+
+    torch.manual_seed(a.seed)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
+    model = get_peft_model(model, build_lora_config(v["rank"], 2 * v["rank"], 0.0))
+    marker = MARKERS[v["marker"]]
+    exs = [
+        tokenize_pair(tok, prompt.user_content(r["question"], r["ratio"], marker=marker), r["completion"], a.cutoff)
+        for r in rows
+    ]
+    exs = [e for e in exs if e is not None]
+    lengths = [len(e["input_ids"]) for e in exs]
+    per_epoch = math.ceil(len(exs) / a.batch)
+    total = max(1, round(per_epoch * v["epochs"]))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=v["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    collate = Collator(pad)
+    model.train()
+    step, real, processed, losses = 0, 0, 0, []
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    epoch = 0
+    while step < total:
+        if v["group"]:
+            order = length_grouped_order(lengths, epoch, a.seed, a.batch)
+        else:
+            order = list(range(len(exs)))
+            random.Random(a.seed + epoch).shuffle(order)
+        for i in range(0, len(order), a.batch):
+            if step >= total:
+                break
+            batch = collate([exs[j] for j in order[i : i + a.batch]])
+            batch = {k: t.to(device) for k, t in batch.items()}
+            for g in opt.param_groups:
+                g["lr"] = v["lr"] * lr_factor(step, total, 0.05, "cosine")
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            real += int(batch["attention_mask"].sum())
+            processed += batch["attention_mask"].numel()
+            step += 1
+        epoch += 1
+    sync()
+    dt = time.perf_counter() - t0
+    model = model.merge_and_unload().eval()  # generation and the probe on the merged weights (faster)
+    return model, {
+        "rows": len(exs),
+        "steps": step,
+        "seconds": round(dt, 2),
+        "tokens_per_s": round(processed / dt, 1),
+        "real_tokens_per_s": round(real / dt, 1),
+        "real_share": round(real / processed, 4),
+        "loss_first": round(statistics.mean(losses[:5]), 4),
+        "loss_last": round(statistics.mean(losses[-5:]), 4),
+    }
+
+
+def generate(
+    model, tok, prompts: list[list[int]], max_new: int, device: str, batch: int
+) -> list[tuple[list[int], bool]]:
+    """Greedy outputs (ids up to the end-of-turn token) and whether each hit the cap."""
+    import torch
+
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    stop = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")} - {None}
+    out = []
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i : i + batch]
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
+        att = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+        with torch.no_grad():
+            gen = model.generate(
+                input_ids=ids,
+                attention_mask=att,
+                max_new_tokens=max_new,
+                do_sample=False,
+                pad_token_id=pad,
+                eos_token_id=sorted(stop),
+            )
+        for row in gen[:, width:].tolist():
+            cut = next((k for k, t in enumerate(row) if t in stop), None)
+            out.append((row if cut is None else row[:cut], cut is None))
+    return out
+
+
+def adherence(model, tok, questions: list[dict], ratios: list[float], marker: str | None, a, device: str) -> dict:
+    from tokenskip import grading, prompt
+
+    prompts, keys = [], []
+    for g in ratios:
+        for q in questions:
+            user = prompt.user_content(q["question"], g, marker=marker)
+            prompts.append(prompt.encode_prompt(tok, prompt.render_messages(tok, [{"role": "user", "content": user}])))
+            keys.append((g, q))
+    outs = generate(model, tok, prompts, a.max_new_tokens, device, a.gen_batch)
+    per: dict[float, list[dict]] = {g: [] for g in ratios}
+    for (g, q), (ids, capped) in zip(keys, outs):
+        text = tok.decode(ids, skip_special_tokens=True)
+        cot, _ = prompt.split_answer(text)
+        pred = grading.extract_answer(text, "gsm8k")
+        ok = pred is not None and grading.is_equiv(pred, str(q["gold"]), "gsm8k")
+        per[g].append(
+            {
+                "cot": len(tok(cot, add_special_tokens=False)["input_ids"]),
+                "out": len(ids),
+                "capped": capped,
+                "correct": ok,
+            }
+        )
+    base = statistics.mean(s["cot"] for s in per[1.0]) if 1.0 in per else None
+    res = {}
+    for g, ss in per.items():
+        mean = statistics.mean(s["cot"] for s in ss)
+        ratios_q = [s["cot"] / r["cot"] for s, r in zip(ss, per[1.0]) if r["cot"] > 0] if 1.0 in per else []
+        actual = mean / base if base else None
+        res[str(g)] = {
+            "accuracy": round(statistics.mean(s["correct"] for s in ss), 3),
+            "cot_mean": round(mean, 1),
+            "cot_median": statistics.median(s["cot"] for s in ss),
+            "runaway_share": round(statistics.mean(s["capped"] for s in ss), 3),
+            "actual_ratio": None if actual is None else round(actual, 3),
+            "median_question_ratio": round(statistics.median(ratios_q), 3) if ratios_q else None,
+            "adherence_error": None if actual is None else round(abs(actual - g), 3),
+        }
+    return res
+
+
+def probe(model, tok, questions: list[dict], targets: list[dict[float, str]], ratios, marker) -> dict:
+    from benchmarks.gamma_probe import target_nlls
+    from tokenskip import prompt
+
+    wins = {g: 0 for g in ratios}
+    margins = {g: [] for g in ratios}
+    for q, tg in zip(questions, targets):
+        keys = [(pg, t) for pg in ratios for t in ratios]
+        pairs = [
+            (prompt.user_content(q["question"], pg, marker=marker), prompt.build_target(tg[t], str(q["gold"])))
+            for pg, t in keys
+        ]
+        nll = dict(zip(keys, (n for n, _ in target_nlls(model, tok, pairs))))
+        for t in ratios:
+            other = min(nll[(pg, t)] for pg in ratios if pg != t)
+            wins[t] += nll[(t, t)] < other
+            margins[t].append(other - nll[(t, t)])
+    n = len(questions)
+    return {
+        str(t): {"discrimination": round(wins[t] / n, 3), "margin_nats": round(statistics.mean(margins[t]), 3)}
+        for t in ratios
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sft", required=True, help="build_sft train.parquet (the quickstart's)")
+    ap.add_argument("--adherence-sft", default=None, help="a larger build_sft train.parquet, for the adh* variants")
+    ap.add_argument("--variants", nargs="+", default=["base"], choices=list(VARIANTS))
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--eval-n", type=int, default=30, help="GSM8K test questions (the first N)")
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--probe-n", type=int, default=24, help="held-out GSM8K train questions (from #2000); 0: no probe")
+    ap.add_argument("--batch", type=int, default=8, help="global batch (rows per optimizer step)")
+    ap.add_argument("--gen-batch", type=int, default=128)
+    ap.add_argument("--cutoff", type=int, default=384)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--max-rows", type=int, default=None, help="smoke runs: first N SFT rows")
+    ap.add_argument("--base-model-eval", action="store_true", help="also generate with the base model at γ = 1")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from tokenskip import assets
+    from tokenskip.data import load_questions
+    from tokenskip.pruning.scorers import resolve_device
+
+    device = resolve_device(a.device)
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+    path = assets.resolve_model(a.model)
+    tok = AutoTokenizer.from_pretrained(path)
+    data = {"quickstart": load_rows(a.sft)}
+    if a.adherence_sft:
+        data["adherence"] = load_rows(a.adherence_sft)
+    ratios = sorted({r["ratio"] for r in data["quickstart"]}, reverse=True)
+    questions = load_questions("gsm8k", "test", limit=a.eval_n).rows
+    res: dict = {
+        "device": device,
+        "torch": torch.__version__,
+        "model": a.model,
+        "ratios": ratios,
+        "eval_n": len(questions),
+        "max_new_tokens": a.max_new_tokens,
+        "batch": a.batch,
+        "markers": {k: v for k, v in MARKERS.items()},
+        "variants": {},
+    }
+    if device.startswith("cuda"):
+        res["gpu"] = torch.cuda.get_device_name(0)
+    pq, targets = [], []
+    if a.probe_n:
+        from benchmarks.gamma_probe import pruned_targets
+
+        pq = load_questions("gsm8k", "train", limit=2000 + a.probe_n).rows[2000:]
+        t = time.perf_counter()
+        targets = pruned_targets(pq, ratios, a.model)
+        res["probe"] = {"questions": len(pq), "prune_s": round(time.perf_counter() - t, 1)}
+    if a.base_model_eval:
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+        t = time.perf_counter()
+        res["base_model"] = adherence(base, tok, questions, [1.0], None, a, device)
+        res["base_model"]["generate_s"] = round(time.perf_counter() - t, 1)
+        del base
+    for name in a.variants:
+        v = {**QUICKSTART, **VARIANTS[name]}
+        key = v["sft"] or "quickstart"
+        if key not in data:
+            print(f"{name}: skipped (no --{key}-sft)", flush=True)
+            continue
+        rows = data[key][: a.max_rows] if a.max_rows else data[key]
+        model, tr = train(path, tok, rows, v, a, device)
+        t = time.perf_counter()
+        ad = adherence(model, tok, questions, ratios, MARKERS[v["marker"]], a, device)
+        gen_s = time.perf_counter() - t
+        pr = probe(model, tok, pq, targets, ratios, MARKERS[v["marker"]]) if a.probe_n else None
+        res["variants"][name] = {"config": v, "train": tr, "adherence": ad, "generate_s": round(gen_s, 1), "probe": pr}
+        cells = " | ".join(
+            f"γ{g}: cot {m['cot_mean']:.0f}/{m['cot_median']:.0f} x{m['actual_ratio']} run {m['runaway_share']:.2f}"
+            f" acc {m['accuracy']:.2f}"
+            for g, m in ad.items()
+        )
+        disc = "" if pr is None else " probe " + " ".join(f"{g}:{p['discrimination']:.2f}" for g, p in pr.items())
+        print(
+            f"{name}: {tr['steps']} steps {tr['seconds']:.0f}s {tr['real_tokens_per_s']:.0f} real tok/s "
+            f"(share {tr['real_share']:.2f}) loss {tr['loss_last']:.3f} | {cells}{disc}",
+            flush=True,
+        )
+        if a.json:
+            Path(a.json).write_text(json.dumps(res, indent=1) + "\n")
+        del model
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

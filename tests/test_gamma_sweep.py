@@ -1,0 +1,80 @@
+"""benchmarks/gamma_sweep.py end to end on the tiny fixture model (CPU, seconds)."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from benchmarks import gamma_sweep
+from tokenskip import prompt
+
+
+def _sft(path, n_questions: int = 3) -> str:
+    rows = []
+    for i in range(n_questions):
+        for g, cot in (
+            (1.0, f"She has {i} + 2 = {i + 2} apples."),
+            (0.7, f"{i} + 2 = {i + 2} apples"),
+            (0.5, f"{i}+2={i + 2}"),
+        ):
+            rows.append(
+                {
+                    "question": f"Ann has {i} apples and gets 2. How many?",
+                    "ratio": str(g),
+                    "completion": prompt.build_target(cot, str(i + 2)),
+                }
+            )
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return str(path)
+
+
+def test_sweep_trains_each_variant_and_reports_every_gamma(tiny_llama, tmp_path):
+    out = tmp_path / "sweep.json"
+    rc = gamma_sweep.main(
+        [
+            "--sft",
+            _sft(tmp_path / "train.parquet"),
+            "--model",
+            tiny_llama,
+            "--device",
+            "cpu",
+            "--variants",
+            "base",
+            "x3",
+            "--eval-n",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--probe-n",
+            "0",
+            "--batch",
+            "4",
+            "--json",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["ratios"] == [1.0, 0.7, 0.5] and res["eval_n"] == 2
+    assert set(res["variants"]) == {"base", "x3"}
+    x3 = res["variants"]["x3"]
+    assert x3["config"]["marker"] == "x3" and x3["config"]["epochs"] == 1.0
+    assert x3["train"]["rows"] == 9 and x3["train"]["steps"] == 3  # ceil(9 / 4) steps for one epoch
+    assert 0 < x3["train"]["real_share"] <= 1
+    for v in res["variants"].values():
+        assert set(v["adherence"]) == {"1.0", "0.7", "0.5"}
+        assert v["adherence"]["1.0"]["actual_ratio"] == 1.0
+        for m in v["adherence"].values():
+            assert 0 <= m["runaway_share"] <= 1 and m["cot_mean"] >= 0
+
+
+def test_marker_forms_differ_only_in_the_marker():
+    base = prompt.user_content("Q", 0.7)
+    for name, template in gamma_sweep.MARKERS.items():
+        text = prompt.user_content("Q", 0.7, marker=template)
+        assert text.startswith(prompt.user_content("Q")), name
+        assert ("0.7" in text) or ("70%" in text), name
+    assert prompt.user_content("Q", 0.7, marker=gamma_sweep.MARKERS["eot"]) == base
+    assert prompt.user_content("Q", 1.0, marker=gamma_sweep.MARKERS["x3"]) == prompt.user_content("Q")
