@@ -5,11 +5,17 @@ Same prompts (rendered by tokenskip.prompt), same model, greedy, same max new to
 (a) a plain transformers ``generate`` loop at batch size 1 (what the TokenSkip reference
     does); on CPU this is slow, so it runs on the first ``--ref-n`` prompts only;
 (b) ``pipelines.generate.run_generate`` (Ray Data + vLLM, the stage itself, writing its
-    stage directory), reported end to end (engine start included) and with the engine
-    start measured in (c) subtracted;
-(c) bare ``vllm.LLM`` on the same prompts (the ceiling for (b)); ``--skip-bare`` to omit.
+    stage directory), reported end to end (engine start included) and without its own
+    engine start: the stage records when its first request reached its engine
+    (``last_run.engine_start_s`` in its manifest, from vLLM's per-request arrival times), and
+    (b) without engine start is everything from then until ``run_generate`` returns;
+(c) bare ``vllm.LLM`` on the same prompt token ids with the same engine kwargs
+    (``tokenskip.engine.engine_kwargs_for``, as the stage) — the ceiling for (b), timed from
+    the ``generate`` call; ``--skip-bare`` to omit.
 
-Prints output tokens/s for each and the ratio (b)/(a). Run on its own (it starts vLLM
+(c) runs first, then (b), in one process, so the two are measured side by side.
+
+Prints output tokens/s for each and the ratios (b)/(c) and (b)/(a). Run on its own (it starts vLLM
 and Ray):
 
     flock /tmp/tokenskip-heavy.lock python -m benchmarks.generate --n 64 --ref-n 4
@@ -31,14 +37,16 @@ import time
 from pathlib import Path
 
 
-def prompts_for(model: str, n: int, split: str, dataset: str) -> tuple[list[dict], list[str]]:
+def prompts_for(model: str, n: int, split: str, dataset: str) -> tuple[list[dict], list[str], list[list[int]]]:
+    """Rows, rendered prompts and their token ids, exactly as the stage's PromptUDF makes them."""
     from transformers import AutoTokenizer
 
     from tokenskip import assets, data, prompt
 
     rows = data.load_questions(dataset, split, limit=n).rows
     tok = AutoTokenizer.from_pretrained(assets.resolve_model(model))
-    return rows, [prompt.render_prompt(tok, r["question"]) for r in rows]
+    texts = [prompt.render_prompt(tok, r["question"]) for r in rows]
+    return rows, texts, [prompt.encode_prompt(tok, t) for t in texts]
 
 
 def bench_transformers(model: str, prompts: list[str], max_new_tokens: int) -> dict:
@@ -68,23 +76,33 @@ def bench_transformers(model: str, prompts: list[str], max_new_tokens: int) -> d
     }
 
 
-def bench_bare_vllm(model: str, prompts: list[str], max_new_tokens: int) -> dict:
+def bench_bare_vllm(model: str, prompt_ids: list[list[int]], max_new_tokens: int, seed: int = 0) -> dict:
+    """``vllm.LLM`` built by ``tokenskip.engine.build_llm`` from the engine kwargs the stage uses
+    (``engine_kwargs_for(model, {}, seed)``: on CPU fp32, and eager for small local models),
+    given the same prompt token ids the stage gives its engine."""
     from tokenskip import engine
 
+    kw = engine.engine_kwargs_for(model, {}, seed=seed)
     t0 = time.perf_counter()
-    llm = engine.build_llm(model, seed=0)
+    llm = engine.build_llm(model, {}, seed=seed)
     start = time.perf_counter() - t0
     t1 = time.perf_counter()
-    outs = engine.generate(llm, prompts, engine.sampling_params(max_new_tokens, 0.0, 0))
+    outs = engine.generate(
+        llm, [{"prompt_token_ids": ids} for ids in prompt_ids], engine.sampling_params(max_new_tokens, 0.0, seed)
+    )
     dt = time.perf_counter() - t1
     tokens = sum(o.output_tokens for o in outs)
+    shutdown = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if shutdown is not None and hasattr(shutdown, "shutdown"):
+        shutdown.shutdown()  # its engine-core process would otherwise linger while (b) runs
     del llm
     import gc
 
     gc.collect()
     return {
-        "prompts": len(prompts),
+        "prompts": len(prompt_ids),
         "output_tokens": tokens,
+        "engine_kwargs": kw,
         "engine_start_s": round(start, 2),
         "seconds": round(dt, 2),
         "tokens_per_s": round(tokens / dt, 2),
@@ -111,18 +129,29 @@ def bench_ray_stage(
     t0 = time.perf_counter()
     m = run_generate(cfg, force=True)
     wall = time.perf_counter() - t0
-    tokens = m["last_run"]["output_tokens"]
-    return {
+    last = m["last_run"]
+    tokens = last["output_tokens"]
+    res = {
         "prompts": n,
         "output_tokens": tokens,
         "seconds": round(wall, 2),
         "tokens_per_s": round(tokens / wall, 2),
         "backend": m["backend"],
+        "engine_kwargs": m.get("engine_kwargs"),
         "accuracy": m["counts"]["accuracy"],
         "correct": m["counts"]["correct"],
         "batch_size": cfg.batch_size,
         "max_concurrent_batches": cfg.max_concurrent_batches,
     }
+    # The stage's own engine start: from run_generate's call (loading the questions included) to
+    # its first request reaching the engine; everything after it, writing the output and the
+    # manifest included, counts as generation time.
+    if last.get("engine_start_s") is not None:
+        start = last["engine_start_s"]
+        res["engine_start_s"] = round(start, 2)
+        res["seconds_excl_engine_start"] = round(wall - start, 2)
+        res["tokens_per_s_excl_engine_start"] = round(tokens / max(1e-6, wall - start), 2)
+    return res
 
 
 def yield_report(gen_dir: str, max_cot_tokens: int) -> dict:
@@ -154,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", default="gsm8k")
     p.add_argument("--split", default="test")
     p.add_argument("--n", type=int, default=64, help="prompts for (b) and (c)")
-    p.add_argument("--ref-n", type=int, default=8, help="prompts for the transformers batch-1 loop (a)")
+    p.add_argument("--ref-n", type=int, default=8, help="prompts for the transformers batch-1 loop (a); 0 skips (a)")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--backend", default="auto", choices=["auto", "ray_data_llm", "vllm_udf"])
     p.add_argument("--batch-size", type=int, default=16)
@@ -166,14 +195,15 @@ def main(argv: list[str] | None = None) -> int:
     from tokenskip import engine
 
     engine.cpu_env_defaults()
-    _, prompts = prompts_for(args.model, args.n, args.split, args.dataset)
+    _, prompts, prompt_ids = prompts_for(args.model, args.n, args.split, args.dataset)
     res: dict = {"model": args.model, "dataset": f"{args.dataset}:{args.split}", "max_new_tokens": args.max_new_tokens}
-    print(f"(a) transformers batch 1 on {args.ref_n} prompts ...", flush=True)
-    res["a_transformers_bs1"] = bench_transformers(args.model, prompts[: args.ref_n], args.max_new_tokens)
-    print(json.dumps(res["a_transformers_bs1"]), flush=True)
+    if args.ref_n > 0:
+        print(f"(a) transformers batch 1 on {args.ref_n} prompts ...", flush=True)
+        res["a_transformers_bs1"] = bench_transformers(args.model, prompts[: args.ref_n], args.max_new_tokens)
+        print(json.dumps(res["a_transformers_bs1"]), flush=True)
     if not args.skip_bare:
         print(f"(c) bare vllm.LLM on {args.n} prompts ...", flush=True)
-        res["c_bare_vllm"] = bench_bare_vllm(args.model, prompts, args.max_new_tokens)
+        res["c_bare_vllm"] = bench_bare_vllm(args.model, prompt_ids, args.max_new_tokens)
         print(json.dumps(res["c_bare_vllm"]), flush=True)
     print(f"(b) Ray Data + vLLM stage on {args.n} prompts ...", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-gen-") as tmp:
@@ -182,33 +212,43 @@ def main(argv: list[str] | None = None) -> int:
             args.model, args.n, args.split, args.dataset, args.max_new_tokens, args.backend, args.batch_size, gen_dir
         )
         res["yield"] = yield_report(gen_dir, args.max_cot_tokens)
-    b, a = res["b_ray_data_stage"], res["a_transformers_bs1"]
-    if "c_bare_vllm" in res:
-        start = res["c_bare_vllm"]["engine_start_s"]
-        b["tokens_per_s_excl_engine_start"] = round(b["output_tokens"] / max(1e-6, b["seconds"] - start), 2)
-    print(json.dumps(res["b_ray_data_stage"]))
+    b, a, c = res["b_ray_data_stage"], res.get("a_transformers_bs1"), res.get("c_bare_vllm")
+    print(json.dumps(b))
     print("\noutput tokens/s")
-    print(f"  (a) transformers generate, batch 1 : {a['tokens_per_s']:8.1f}  ({a['prompts']} prompts)")
-    if "c_bare_vllm" in res:
+    if a:
+        print(f"  (a) transformers generate, batch 1 : {a['tokens_per_s']:8.1f}  ({a['prompts']} prompts)")
+    if c:
         print(
-            f"  (c) bare vllm.LLM                  : {res['c_bare_vllm']['tokens_per_s']:8.1f}  "
-            f"(engine start {res['c_bare_vllm']['engine_start_s']} s excluded)"
+            f"  (c) bare vllm.LLM                  : {c['tokens_per_s']:8.1f}  "
+            f"(engine start {c['engine_start_s']} s excluded)"
         )
     print(
         f"  (b) Ray Data + vLLM stage          : {b['tokens_per_s']:8.1f}  "
         f"end to end, engine start included ({b['backend']})"
     )
     if "tokens_per_s_excl_engine_start" in b:
-        print(f"      ... minus engine start         : {b['tokens_per_s_excl_engine_start']:8.1f}")
-    res["ratio_b_over_a"] = round(b["tokens_per_s"] / a["tokens_per_s"], 2)
-    print(
-        f"  ratio (b)/(a): {res['ratio_b_over_a']}x end to end"
-        + (
-            f", {round(b['tokens_per_s_excl_engine_start'] / a['tokens_per_s'], 2)}x without engine start"
-            if "tokens_per_s_excl_engine_start" in b
-            else ""
+        print(
+            f"      ... without its engine start   : {b['tokens_per_s_excl_engine_start']:8.1f}  "
+            f"(its engine start {b['engine_start_s']} s, measured in the stage)"
         )
-    )
+    if c and "tokens_per_s_excl_engine_start" in b:
+        res["ratio_b_over_c_excl_engine_start"] = round(b["tokens_per_s_excl_engine_start"] / c["tokens_per_s"], 3)
+        print(f"  ratio (b)/(c) without engine start: {res['ratio_b_over_c_excl_engine_start']}x")
+    if c:
+        res["ratio_b_over_c_end_to_end"] = round(
+            b["tokens_per_s"] / (c["output_tokens"] / (c["seconds"] + c["engine_start_s"])), 3
+        )
+        print(f"  ratio (b)/(c) end to end, engine starts included: {res['ratio_b_over_c_end_to_end']}x")
+    if a:
+        res["ratio_b_over_a"] = round(b["tokens_per_s"] / a["tokens_per_s"], 2)
+        print(
+            f"  ratio (b)/(a): {res['ratio_b_over_a']}x end to end"
+            + (
+                f", {round(b['tokens_per_s_excl_engine_start'] / a['tokens_per_s'], 2)}x without engine start"
+                if "tokens_per_s_excl_engine_start" in b
+                else ""
+            )
+        )
     y = res["yield"]
     print(
         f"  yield on {args.dataset}:{args.split} ({y['questions']} questions): {y['correct']} correct "

@@ -21,6 +21,14 @@ plain ``engine_kwargs``. ``vllm_udf`` (a ``map_batches`` actor pool around ``vll
 with ``num_gpus``/``num_cpus`` per replica) is the fallback for vLLM versions that
 ``ray.data.llm`` does not support, and it keeps vLLM's ``finish_reason``.
 
+ray.data.llm runs here with its chat-template, tokenize and detokenize stages off (the
+engine gets the token ids PromptUDF made, and vLLM's own incremental detokenizer gives the
+text, as in bare ``vllm.LLM``), so the only extra CPU work on the engine's path is Ray's:
+``benchmarks/RESULTS.md`` ("Generation") has where the rest of the time goes. The manifest's
+``last_run.engine_start_s`` is the stage's own engine start: from the stage's call to the
+first request reaching the engine (vLLM's per-request arrival time, kept while
+``disable_log_stats`` is unset; the ``vllm_udf`` backend stamps it itself).
+
 Resume: a row is done exactly when it sits in a committed part (or is rejected for its
 input), so a re-run after a crash generates only the rest, and ``finalize`` de-duplicates
 by id. A row whose generation failed is a reject of kind ``failure``, retried by the next
@@ -37,12 +45,15 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import progress
-from tokenskip import artifacts, data
+from tokenskip import artifacts, data, engine
 from tokenskip.config import GenerateConfig
 
 log = logging.getLogger("tokenskip.generate")
 
 PASS_THROUGH = ("id", "question", "gold", "kind")
+# Wall-clock time (time.time()) at which a row's request reached the engine; not an output column:
+# the driver takes the earliest as the end of the engine start (manifest: last_run.engine_start_s).
+ENGINE_ARRIVAL = "engine_arrival"
 OUTPUT_COLUMNS = (
     "id",
     "question",
@@ -226,6 +237,9 @@ class VLLMGenerateUDF:
         for r in rows:
             r.update(output=None, output_tokens=None, finish_reason=None)
             r.setdefault("error_kind", "input" if r.get("error") else None)
+        arrival = time.time()  # the batch is handed to the (started) engine now
+        for r in rows:
+            r[ENGINE_ARRIVAL] = arrival if not r.get("error") else None
         results: dict[int, Any] = {}
         try:
             for i, c in zip(todo, self._generate([_engine_prompt(rows[i]) for i in todo])):
@@ -292,7 +306,7 @@ class FinishUDF:
                     cot=cot,
                     cot_tokens=len(self.tok(cot, add_special_tokens=False)["input_ids"]),
                 )
-            out.append({k: r.get(k) for k in OUTPUT_COLUMNS + ("error", "error_kind")})
+            out.append({k: r.get(k) for k in OUTPUT_COLUMNS + ("error", "error_kind", ENGINE_ARRIVAL)})
         return _frame(out)
 
 
@@ -341,9 +355,12 @@ def _ray_data_llm_generate(ds, cfg: GenerateConfig, max_new_tokens: int):
     def post(row: dict) -> dict:
         keep = {k: row.get(k) for k in PASS_THROUGH + ("prompt", "prompt_tokens", "error", "error_kind")}
         n = row.get("num_generated_tokens")
+        # vLLM's per-request stats (on unless engine_kwargs disable_log_stats) carry its arrival time.
+        arrival = (row.get("metrics") or {}).get("arrival_time")
         # ray.data.llm does not carry vLLM's finish_reason; a full budget means "length".
         return dict(
             keep,
+            **{ENGINE_ARRIVAL: float(arrival) if arrival else None},
             output=row.get("generated_text"),
             output_tokens=n,
             finish_reason="length" if n is not None and n >= max_new_tokens else "stop",
@@ -352,7 +369,7 @@ def _ray_data_llm_generate(ds, cfg: GenerateConfig, max_new_tokens: int):
     processor = build_processor(proc_cfg, preprocess=pre, postprocess=post)
     ok = processor(ds.filter(lambda r: not r.get("error")))
     bad = ds.filter(lambda r: bool(r.get("error"))).map(
-        lambda r: dict(r, output=None, output_tokens=None, finish_reason=None)
+        lambda r: dict(r, output=None, output_tokens=None, finish_reason=None, **{ENGINE_ARRIVAL: None})
     )
     return ok.union(bad)
 
@@ -444,6 +461,7 @@ def run_generate(cfg: GenerateConfig, force: bool = False) -> dict:
 
 
 def _run_generate(cfg: GenerateConfig, out: Path, force: bool) -> dict:
+    called_at = time.time()  # the engine start is counted from here (loading the questions included)
     finished = artifacts.skip_if_finished(out, force, cfg)
     if finished is not None:
         return finished
@@ -478,10 +496,14 @@ def _run_generate(cfg: GenerateConfig, out: Path, force: bool) -> dict:
 
     t0 = time.perf_counter()
     new_rows = new_tokens = 0
+    first_arrival: float | None = None
     if todo:
         ds = build_dataset(todo, cfg, backend)
         for batch in ds.iter_batches(batch_size=cfg.shard_rows, batch_format="pyarrow"):
             rows = batch.to_pylist()
+            arrivals = [r[ENGINE_ARRIVAL] for r in rows if r.get(ENGINE_ARRIVAL)]
+            if arrivals:
+                first_arrival = min(arrivals + ([first_arrival] if first_arrival else []))
             good = [_clean(r) for r in rows if not r.get("error")]
             bad = [_reject(r) for r in rows if r.get("error")]
             writer.reject(bad)  # rejects first: a crash in between only re-does good rows
@@ -491,6 +513,8 @@ def _run_generate(cfg: GenerateConfig, out: Path, force: bool) -> dict:
             log.info("generate: committed %d/%d", new_rows, len(todo))
             progress.report(new_rows, len(todo), "rows")
     elapsed = time.perf_counter() - t0
+    after_start = time.time() - first_arrival if first_arrival else None
+    engine_start = round(max(0.0, first_arrival - called_at), 2) if first_arrival else None
 
     rows, rejects = writer.finalize("parquet")
     total = len(loaded.rows) + len(loaded.rejects)
@@ -518,6 +542,7 @@ def _run_generate(cfg: GenerateConfig, out: Path, force: bool) -> dict:
         backend=backend,
         max_new_tokens=resolve_max_new_tokens(cfg),
         max_prompt_tokens=prompt_token_limit(cfg),
+        engine_kwargs=engine.engine_kwargs_for(cfg.model, cfg.engine_kwargs, seed=cfg.seed),
         quarantined=[str(p) for p in writer.quarantined],
         last_run={
             "rows": new_rows,
@@ -525,5 +550,11 @@ def _run_generate(cfg: GenerateConfig, out: Path, force: bool) -> dict:
             "seconds": round(elapsed, 2),
             "retried_failures": retried,
             "output_tokens_per_s": round(new_tokens / elapsed, 2) if elapsed > 0 and new_tokens else None,
+            # From the stage's call to its first request reaching the engine (None when unknown,
+            # e.g. ray_data_llm with disable_log_stats), and the throughput from then on.
+            "engine_start_s": engine_start,
+            "output_tokens_per_s_after_engine_start": (
+                round(new_tokens / after_start, 2) if after_start and after_start > 0 and new_tokens else None
+            ),
         },
     )

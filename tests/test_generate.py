@@ -105,6 +105,27 @@ def test_generate_udf_isolates_failing_rows():
     )
 
 
+def test_generate_udf_stamps_engine_arrival():
+    """The time a row's request reached the engine rides along (the stage's engine start ends there)."""
+    import time
+
+    from tokenskip.engine import Completion
+
+    before = time.time()
+    out = _rows(
+        _udf(lambda prompts: [Completion("x", 1, 1, "stop") for _ in prompts])(
+            pd.DataFrame(
+                [
+                    {"id": "a", "prompt": "p", "error": None},
+                    {"id": "b", "prompt": "p", "error": "prompt too long: 9 > 5 tokens"},
+                ]
+            )
+        )
+    )
+    assert before <= out[0]["engine_arrival"] <= time.time()
+    assert out[1]["engine_arrival"] is None
+
+
 def _udf(fake):
     from pipelines.generate import VLLMGenerateUDF
 
@@ -165,6 +186,7 @@ def test_finish_udf_grades_and_counts(tiny_llama):
                     "output_tokens": 12,
                     "finish_reason": "stop",
                     "error": None,
+                    "engine_arrival": 1700000000.5,
                 },
                 {
                     "id": "b",
@@ -199,6 +221,7 @@ def test_finish_udf_grades_and_counts(tiny_llama):
     assert out[0]["cot_tokens"] == len(tok(out[0]["output"], add_special_tokens=False)["input_ids"])
     assert not out[1]["correct"] and out[1]["extracted"] == "4"
     assert out[2]["error"] == "generation error: no output"
+    assert out[0]["engine_arrival"] == 1700000000.5 and out[2]["engine_arrival"] is None
 
 
 def test_run_generate_requires_output_dir():
@@ -238,6 +261,9 @@ def test_run_generate_on_ray(tmp_path, tiny_llama, ray_local):
     reasons = sorted(r["reason"].split(":")[0] for r in rejects)
     assert reasons == ["prompt too long", "unreadable row"]
     assert m["backend"] == "ray_data_llm" and m["last_run"]["output_tokens"] > 0
+    # Its engine start, from vLLM's arrival time of the first request, is part of the stage's run.
+    assert 0 < m["last_run"]["engine_start_s"] < m["last_run"]["seconds"]
+    assert m["engine_kwargs"]["model"] == tiny_llama and "engine_arrival" not in rows[0]
     # Finished: a re-run is a no-op returning the same manifest.
     before = (out / "manifest.json").stat().st_mtime_ns
     assert run_generate(cfg)["finished_at"] == m["finished_at"]
@@ -250,14 +276,21 @@ def test_run_generate_on_ray(tmp_path, tiny_llama, ray_local):
 class _FakeDataset:
     """Stands in for the Ray Data pipeline: rows through PromptUDF-like checks and a fake engine."""
 
-    def __init__(self, questions, behave, calls):
+    def __init__(self, questions, behave, calls, arrival_delay=None):
         self.questions, self.behave, self.calls = questions, behave, calls
+        self.arrival_delay = arrival_delay
 
     def iter_batches(self, batch_size, batch_format):
+        import time
+
         import pyarrow as pa
 
         from pipelines.generate import OUTPUT_COLUMNS
 
+        arrival = None
+        if self.arrival_delay is not None:  # an engine that takes this long to start
+            time.sleep(self.arrival_delay)
+            arrival = time.time()
         for i in range(0, len(self.questions), batch_size):
             rows = []
             for q in self.questions[i : i + batch_size]:
@@ -269,6 +302,7 @@ class _FakeDataset:
                     raise EngineFailure("the vLLM engine died: EngineDeadError")
                 r = {k: None for k in OUTPUT_COLUMNS}
                 r.update(id=q["id"], question=q["question"], gold=q["gold"], kind="gsm8k", error=None, error_kind=None)
+                r["engine_arrival"] = arrival if what == "ok" else None
                 if what == "ok":
                     r.update(
                         prompt="p",
@@ -296,9 +330,11 @@ class _FakeDataset:
 def fake_engine(monkeypatch):
     import pipelines.generate as G
 
-    state = {"behave": lambda rid: "ok", "calls": []}
+    state = {"behave": lambda rid: "ok", "calls": [], "arrival_delay": None}
     monkeypatch.setattr(
-        G, "build_dataset", lambda todo, cfg, backend: _FakeDataset(todo, state["behave"], state["calls"])
+        G,
+        "build_dataset",
+        lambda todo, cfg, backend: _FakeDataset(todo, state["behave"], state["calls"], state["arrival_delay"]),
     )
     monkeypatch.setattr(G, "resolve_backend", lambda cfg: "fake")
     return state
@@ -376,3 +412,22 @@ def test_force_into_the_run_dir_is_refused(tmp_path, fake_engine):
         run_generate(cfg, force=True)
     after = sorted(p.name for p in tmp_path.iterdir() if p.name != artifacts.LOCK)
     assert after == before and artifacts.is_complete(tmp_path / "gen")
+
+
+def test_engine_start_is_measured_from_the_first_arrival(tmp_path, fake_engine):
+    """last_run.engine_start_s: from the stage's call to its first request reaching the engine
+    (what benchmarks/generate.py subtracts); unknown without arrival times."""
+    from pipelines.generate import run_generate
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    m = run_generate(_gen_cfg(tmp_path / "a"))
+    assert m["last_run"]["engine_start_s"] is None
+    assert m["last_run"]["output_tokens_per_s_after_engine_start"] is None
+    fake_engine["arrival_delay"] = 0.3
+    m = run_generate(_gen_cfg(tmp_path / "b"))
+    last = m["last_run"]
+    assert 0.3 <= last["engine_start_s"] < 5
+    assert last["output_tokens_per_s_after_engine_start"] > last["output_tokens_per_s"]
+    rows = artifacts.read_rows(tmp_path / "b" / "gen")
+    assert len(rows) == 6 and all("engine_arrival" not in r for r in rows)

@@ -92,6 +92,11 @@ def engine_kwargs_for(
     if not on_gpu():
         # AVX2-only CPUs run bf16 slowly; fp32 measured faster for the 135M model.
         kw.update({"dtype": "float32", "max_model_len": 4096})
+        # vLLM's CPU scheduler defaults differ by entry point: vllm.LLM 256 sequences / 4096 batched
+        # tokens, its async engine (ray.data.llm, serving) 128 / 2048. One setting for every engine, so
+        # the generate stage and a bare vllm.LLM resolve the same; 128 / 2048 also made bare vllm.LLM
+        # 10% faster on 200 x 256 tokens (fewer KV-cache preemptions; benchmarks/RESULTS.md "Generation").
+        kw.update({"max_num_seqs": 128, "max_num_batched_tokens": 2048})
         if is_small_model(kw["model"]):
             # No torch.compile for small models on CPU: the compile costs more than it saves at the
             # sizes the quickstart and the tests run (benchmarks/engine_start.py: start + decode
