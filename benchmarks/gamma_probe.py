@@ -73,6 +73,26 @@ def target_nlls(model, tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[fl
     return [(float(n), int(m)) for n, m in zip(nll, mask.sum(dim=1))]
 
 
+def discrimination(nll: list[dict[tuple[float, float], float]], ratios: list[float]) -> dict[str, dict]:
+    """Per target γ' (keyed by :func:`tokenskip.gamma.key`): the share of questions whose own-γ
+    prompt gives the target the lowest total NLL, and the mean margin (nats per target) over the
+    best other prompt. ``nll``: per question, total NLL by (prompt γ, target γ').
+
+    >>> discrimination([{(1.0, 1.0): 1.0, (0.5, 1.0): 3.0, (1.0, 0.5): 2.0, (0.5, 0.5): 2.5}], [1.0, 0.5])
+    {'1.0': {'discrimination': 1.0, 'margin_nats': 2.0}, '0.5': {'discrimination': 0.0, 'margin_nats': -0.5}}
+    """
+    from tokenskip import gamma
+
+    out = {}
+    for t in ratios:
+        margins = [min(c[(pg, t)] for pg in ratios if pg != t) - c[(t, t)] for c in nll]
+        out[gamma.key(t)] = {
+            "discrimination": sum(m > 0 for m in margins) / len(nll),
+            "margin_nats": sum(margins) / len(nll),
+        }
+    return out
+
+
 def load_model(model_name: str, adapter: str | None, checkpoint: str | None):
     """The base model, with the adapter, or with the LoRA weights of a training checkpoint
     (``checkpoint_step_*/trainer_state.pt``: only the trainable tensors) on the adapter's config."""
@@ -155,18 +175,10 @@ def main() -> None:
             matrix[gamma.key(pg)] = dict(zip((gamma.key(t) for t in ratios), vals))
             print(f"{pg:g} | " + " | ".join(f"{v:.4f}" for v in vals))
         print("target γ' | matching prompt best (share) | mean margin (nats per target) | chance")
-        summary = {}
+        summary = discrimination([{k: v[0] for k, v in c.items()} for c in nll], ratios)
         for tgam in ratios:
-            wins, margins = 0, []
-            for c in nll:
-                own = c[(tgam, tgam)][0]
-                other = min(c[(pg, tgam)][0] for pg in ratios if pg != tgam)
-                wins += own < other
-                margins.append(other - own)
-            share = wins / n
-            margin = sum(margins) / n
-            summary[gamma.key(tgam)] = {"discrimination": share, "margin_nats": margin}
-            print(f"{tgam:g} | {share:.2f} | {margin:+.3f} | {1 / len(ratios):.2f}")
+            row = summary[gamma.key(tgam)]
+            print(f"{tgam:g} | {row['discrimination']:.2f} | {row['margin_nats']:+.3f} | {1 / len(ratios):.2f}")
         mean_disc = sum(s["discrimination"] for s in summary.values()) / len(summary)
         print(f"mean discrimination {mean_disc:.2f} (chance {1 / len(ratios):.2f})")
         out.append({"checkpoint": ck, "nll_per_token": matrix, "per_target": summary, "mean_discrimination": mean_disc})

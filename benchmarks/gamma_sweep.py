@@ -206,27 +206,18 @@ def adherence(model, tok, questions: list[dict], ratios: list[float], marker: st
 
 
 def probe(model, tok, questions: list[dict], targets: list[dict[float, str]], ratios, marker) -> dict:
-    from benchmarks.gamma_probe import target_nlls
+    from benchmarks.gamma_probe import discrimination, target_nlls
     from tokenskip import prompt
 
-    wins = {g: 0 for g in ratios}
-    margins = {g: [] for g in ratios}
+    nll = []
     for q, tg in zip(questions, targets):
         keys = [(pg, t) for pg in ratios for t in ratios]
         pairs = [
             (prompt.user_content(q["question"], pg, marker=marker), prompt.build_target(tg[t], str(q["gold"])))
             for pg, t in keys
         ]
-        nll = dict(zip(keys, (n for n, _ in target_nlls(model, tok, pairs))))
-        for t in ratios:
-            other = min(nll[(pg, t)] for pg in ratios if pg != t)
-            wins[t] += nll[(t, t)] < other
-            margins[t].append(other - nll[(t, t)])
-    n = len(questions)
-    return {
-        str(t): {"discrimination": round(wins[t] / n, 3), "margin_nats": round(statistics.mean(margins[t]), 3)}
-        for t in ratios
-    }
+        nll.append(dict(zip(keys, (n for n, _ in target_nlls(model, tok, pairs)))))
+    return {g: {k: round(v, 3) for k, v in row.items()} for g, row in discrimination(nll, ratios).items()}
 
 
 def main(argv: list[str] | None = None) -> int:

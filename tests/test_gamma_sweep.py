@@ -48,7 +48,7 @@ def test_sweep_trains_each_variant_and_reports_every_gamma(tiny_llama, tmp_path)
             "--max-new-tokens",
             "4",
             "--probe-n",
-            "0",
+            "1",
             "--batch",
             "4",
             "--json",
@@ -66,6 +66,8 @@ def test_sweep_trains_each_variant_and_reports_every_gamma(tiny_llama, tmp_path)
     for v in res["variants"].values():
         assert set(v["adherence"]) == {"1.0", "0.7", "0.5"}
         assert v["adherence"]["1.0"]["actual_ratio"] == 1.0
+        assert set(v["probe"]) == {"1.0", "0.7", "0.5"}
+        assert all(p["discrimination"] in (0.0, 1.0) for p in v["probe"].values())  # one probe question
         for m in v["adherence"].values():
             assert 0 <= m["runaway_share"] <= 1 and m["cot_mean"] >= 0
 
