@@ -13,7 +13,7 @@ import asyncio
 import collections
 import itertools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncGenerator
 
 from ray import serve
@@ -53,6 +53,17 @@ class _Answer:
     forced: str
     forced_ids: list[int]
     call: tuple[Any, Any] | None
+
+
+@dataclass
+class _StreamState:
+    """What a streamed completion has produced so far, across its engine calls."""
+
+    n: int = 0
+    text: str = ""
+    ids: list[int] = field(default_factory=list)
+    finish: str | None = None
+    last: str = ""
 
 
 class LoadedAdapter:
@@ -276,38 +287,37 @@ class TokenSkipModelImpl:
         plan = await self._prepare(req)
         plan.params.output_kind = RequestOutputKind.DELTA
         yield {"type": "start", **plan.meta}
-        n, text, gen_ids, finish, last_text = 0, "", [], None, ""
-        async for out in self._generate(TokensPrompt(prompt_token_ids=plan.ids), plan.params, req["request_id"],
-                                        plan.lora):
-            c = out.outputs[0]
-            n += len(c.token_ids)
-            gen_ids += c.token_ids
-            text += c.text
-            finish = c.finish_reason
-            if c.text and not finish:
-                yield {"type": "delta", "text": c.text, "finish_reason": None, "completion_tokens": n}
-            elif finish:
-                last_text = c.text
-        cot_generated = len(gen_ids)
-        answer = self._answer(req, plan, text, gen_ids, finish)
+        st = _StreamState()
+        async for d in self._deltas(st, TokensPrompt(prompt_token_ids=plan.ids), plan.params, req["request_id"],
+                                    plan.lora):
+            yield d
+        cot_generated = len(st.ids)
+        answer = self._answer(req, plan, st.text, st.ids, st.finish)
         if answer is not None and answer.call is not None:
-            if last_text:
-                yield {"type": "delta", "text": last_text, "finish_reason": None, "completion_tokens": n}
-            n += len(answer.forced_ids)
-            text += answer.forced
-            last_text = ""
+            if st.last:
+                yield {"type": "delta", "text": st.last, "finish_reason": None, "completion_tokens": st.n}
+            st.n += len(answer.forced_ids)
+            st.text += answer.forced
+            st.last = ""
             if answer.forced:
-                yield {"type": "delta", "text": answer.forced, "finish_reason": None, "completion_tokens": n}
+                yield {"type": "delta", "text": answer.forced, "finish_reason": None, "completion_tokens": st.n}
             prompt_in, params = answer.call
             params.output_kind = RequestOutputKind.DELTA
-            async for out in self._generate(prompt_in, params, f"{req['request_id']}-answer", plan.lora):
-                c = out.outputs[0]
-                n += len(c.token_ids)
-                text += c.text
-                finish = c.finish_reason
-                if c.text and not finish:
-                    yield {"type": "delta", "text": c.text, "finish_reason": None, "completion_tokens": n}
-                elif finish:
-                    last_text = c.text
-        yield {"type": "delta", "text": last_text, "finish_reason": finish, "completion_tokens": n,
-               **self._outcome(plan, text, n, cot_generated, answer)}
+            async for d in self._deltas(st, prompt_in, params, f"{req['request_id']}-answer", plan.lora):
+                yield d
+        yield {"type": "delta", "text": st.last, "finish_reason": st.finish, "completion_tokens": st.n,
+               **self._outcome(plan, st.text, st.n, cot_generated, answer)}
+
+    async def _deltas(self, st: "_StreamState", prompt_in: Any, params: Any, request_id: str, lora: Any):
+        """One engine call's delta events; ``st`` accumulates the text, ids and finish reason, and
+        holds back the last piece (it goes out with the finish reason, or before a forced answer)."""
+        async for out in self._generate(prompt_in, params, request_id, lora):
+            c = out.outputs[0]
+            st.n += len(c.token_ids)
+            st.ids += c.token_ids
+            st.text += c.text
+            st.finish = c.finish_reason
+            if c.text and not st.finish:
+                yield {"type": "delta", "text": c.text, "finish_reason": None, "completion_tokens": st.n}
+            elif st.finish:
+                st.last = c.text
