@@ -250,6 +250,32 @@ def test_budget_cut_hits_gamma_in_target_tokens_and_keeps_numbers(tiny_llama, gs
     assert kept_share("48/2 = 24", "48/2 = 24") == 1.0
 
 
+def test_prune_rows_counts_each_text_once(tiny_llama, gsm8k_cots):
+    """The budget cut measures the originals and its candidate cuts; the rows' token counts reuse
+    those measurements instead of tokenizing the originals and the chosen cuts again."""
+    from collections import Counter
+
+    sc = load_scorer("self_info", tiny_llama, device="cpu")
+    counter = TokenCounter(tiny_llama)
+    seen: Counter = Counter()
+
+    class Counting:  # the target's counter (same tokenizer as the scorer), recording what it counts
+        tokenizer = counter.tokenizer
+
+        def __call__(self, texts):
+            texts = list(texts)
+            seen.update(texts)
+            return counter(texts)
+
+    counting = Counting()
+    cots = gsm8k_cots[:8]
+    rows = prune_rows([str(i) for i in range(len(cots))], cots, RATIOS, sc, counting, cut="budget", protect="numbers")
+    assert seen and max(seen.values()) == 1, seen.most_common(3)
+    for r in rows:
+        assert r["pruned_tokens"] == counter([r["pruned"]])[0]
+    assert [r["cot_tokens"] for r in rows[:: len(RATIOS)]] == counter(cots)
+
+
 def test_budget_cut_counts_another_tokenizer_when_asked(tiny_llama):
     """With a target tokenizer unlike the scorer's, the budget is placed in the target's unit."""
     from tokenskip.pruning import prune_texts

@@ -313,7 +313,17 @@ def prune_rows(
     count_words = None
     if cut == "budget" and not same_tokenizer(scorer, counter):
         count_words = counter
-    count_text = (lambda t: counter([t])[0]) if cut == "budget" else None  # noqa: E731 - the measured unit
+    # Every text is counted once: the budget cut measures the originals and its candidate cuts,
+    # and the rows' counts below come from the same memo.
+    memo: dict[str, int] = {}
+
+    def count_one(t: str) -> int:
+        n = memo.get(t)
+        if n is None:
+            n = memo[t] = int(counter([t])[0])
+        return n
+
+    count_text = count_one if cut == "budget" else None  # the measured unit
     pruned = prune_texts(
         texts,
         ratios,
@@ -327,8 +337,11 @@ def prune_rows(
         count_text,
     )
     flat = [p[r] for p in pruned for r in ratios]
-    cot_n = counter(texts)
-    pr_n = counter(flat)
+    missing = [t for t in dict.fromkeys([*texts, *flat]) if t not in memo]
+    if missing:
+        memo.update(zip(missing, (int(n) for n in counter(missing))))
+    cot_n = [memo[t] for t in texts]
+    pr_n = [memo[t] for t in flat]
     rows = []
     k = 0
     for i, (id_, p) in enumerate(zip(ids, pruned)):
