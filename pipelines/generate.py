@@ -54,6 +54,8 @@ PASS_THROUGH = ("id", "question", "gold", "kind")
 # Wall-clock time (time.time()) at which a row's request reached the engine; not an output column:
 # the driver takes the earliest as the end of the engine start (manifest: last_run.engine_start_s).
 ENGINE_ARRIVAL = "engine_arrival"
+# A flagged row's prompt while it rides through ray.data.llm as a one-token request.
+BYPASS_PROMPT = "bypass_prompt"
 OUTPUT_COLUMNS = (
     "id",
     "question",
@@ -311,7 +313,8 @@ class FinishUDF:
 
 
 def _ray_data_llm_generate(ds, cfg: GenerateConfig, max_new_tokens: int):
-    """Generation through ray.data.llm. Rows flagged earlier (no prompt / too long) bypass the engine."""
+    """Generation through ray.data.llm. Rows flagged earlier (no prompt / too long) pass the
+    engine as one-token requests and come out without an output."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     from tokenskip import engine
@@ -347,13 +350,22 @@ def _ray_data_llm_generate(ds, cfg: GenerateConfig, max_new_tokens: int):
 
     def pre(row: dict) -> dict:
         ids = row.pop("prompt_token_ids", None)
-        out = dict(row, sampling_params=sp)
-        if ids is not None:  # the engine takes the ids as training tokenized them (no second BOS)
+        out = dict(row, sampling_params=sp, **{BYPASS_PROMPT: None})
+        if row.get("error"):
+            # A row flagged by PromptUDF rides through the engine as a one-token request whose
+            # output post() drops: the pipeline stays one chain (a filter/union split runs
+            # PromptUDF twice: a second actor, every prompt rendered again).
+            out.update(sampling_params=dict(sp, max_tokens=1), tokenized_prompt=[0], prompt=None)
+            out[BYPASS_PROMPT] = row.get("prompt")
+        elif ids is not None:  # the engine takes the ids as training tokenized them (no second BOS)
             out["tokenized_prompt"] = [int(x) for x in ids]
         return out
 
     def post(row: dict) -> dict:
         keep = {k: row.get(k) for k in PASS_THROUGH + ("prompt", "prompt_tokens", "error", "error_kind")}
+        if row.get("error"):  # flagged before the engine: its one-token output is not an output
+            keep["prompt"] = row.get(BYPASS_PROMPT)
+            return dict(keep, output=None, output_tokens=None, finish_reason=None, **{ENGINE_ARRIVAL: None})
         n = row.get("num_generated_tokens")
         # vLLM's per-request stats (on unless engine_kwargs disable_log_stats) carry its arrival time.
         arrival = (row.get("metrics") or {}).get("arrival_time")
@@ -366,12 +378,7 @@ def _ray_data_llm_generate(ds, cfg: GenerateConfig, max_new_tokens: int):
             finish_reason="length" if n is not None and n >= max_new_tokens else "stop",
         )
 
-    processor = build_processor(proc_cfg, preprocess=pre, postprocess=post)
-    ok = processor(ds.filter(lambda r: not r.get("error")))
-    bad = ds.filter(lambda r: bool(r.get("error"))).map(
-        lambda r: dict(r, output=None, output_tokens=None, finish_reason=None, **{ENGINE_ARRIVAL: None})
-    )
-    return ok.union(bad)
+    return build_processor(proc_cfg, preprocess=pre, postprocess=post)(ds)
 
 
 def build_dataset(questions: list[dict], cfg: GenerateConfig, backend: str | None = None):

@@ -431,3 +431,24 @@ def test_engine_start_is_measured_from_the_first_arrival(tmp_path, fake_engine):
     assert last["output_tokens_per_s_after_engine_start"] > last["output_tokens_per_s"]
     rows = artifacts.read_rows(tmp_path / "b" / "gen")
     assert len(rows) == 6 and all("engine_arrival" not in r for r in rows)
+
+
+@pytest.mark.integration
+def test_ray_data_llm_pipeline_renders_each_prompt_once(tiny_llama, ray_local):
+    """One chain: PromptUDF -> ray.data.llm -> FinishUDF. Flagged rows ride through the engine
+    (a filter/union split made Ray Data execute PromptUDF once per branch: a second actor and
+    every prompt rendered twice)."""
+    from pipelines.generate import build_dataset
+
+    cfg = GenerateConfig(model=tiny_llama, max_new_tokens=8, max_prompt_tokens=64, backend="ray_data_llm")
+    ds = build_dataset([{"id": "a", "question": "1+1?", "gold": "2", "kind": "gsm8k"}], cfg)
+
+    def paths(op) -> list[str]:  # operator names along every path from the output to a source
+        deps = op.input_dependencies
+        if not deps:
+            return [op.name]
+        return [f"{p} <- {op.name}" for d in deps for p in paths(d)]
+
+    chains = paths(ds._logical_plan.dag)
+    assert len(chains) == 1, chains
+    assert chains[0].count("PromptUDF") == 1 and "FinishUDF" in chains[0], chains
