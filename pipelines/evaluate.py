@@ -352,6 +352,32 @@ def _saved_condition(
     return gens, list(meta.get("latency_each_s") or []), meta.get("throughput"), meta.get("reused_from")
 
 
+def _outputs_sha(samples: list[dict]) -> str:
+    """What a derived result (budget forcing, hard budgets) is built from: its source's outputs."""
+    return _prompts_sha([[x["id"], x["prompt"], list(x["token_ids"]), x["finish_reason"]] for x in samples])
+
+
+def _saved_derived(meta_file: Path, key: dict, sample_files: list[Path]) -> dict | None:
+    """The meta of a derived result an earlier run of this directory finished from exactly
+    ``key`` (its sources' outputs and settings), with its sample files; else None."""
+    if not (meta_file.is_file() and all(f.is_file() for f in sample_files)):
+        return None
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError) as e:
+        log.warning("%s unreadable (%s); computing it again", meta_file, e)
+        return None
+    return meta if meta.get("key") == key else None
+
+
+def _read_samples(files: list[Path]) -> list[list[dict]] | None:
+    try:
+        return [artifacts.read_rows(f) for f in files]
+    except (OSError, ValueError, artifacts.StageError) as e:
+        log.warning("saved samples unreadable (%s); computing them again", e)
+        return None
+
+
 def _truncate(
     cond: evaluation.Condition, original: list[dict], tokenizer: Any, kind: str, grader: str | None = None
 ) -> list[dict]:
@@ -639,8 +665,12 @@ def _run_hard_budgets_base(
     t0 = time.perf_counter()
     budget = by_id["original"]["max_new_tokens"]
     routes = {b: {"ratio": None, "source": ("original", samples["original"], budget)} for b in cfg.hard_budgets}
+    saved = _saved_hard_budgets(cfg, name, "base", routes)
+    if saved is not None:
+        return saved
     res = _hard_budget("base", routes, engines, cfg, kind)
     log.info("[%s] hard budgets %s, base model: %.1f s", name, cfg.hard_budgets, time.perf_counter() - t0)
+    _save_hard_budgets(cfg, name, "base", routes, res)
     return res
 
 
@@ -655,6 +685,9 @@ def _run_hard_budgets_tokenskip(
         rt = evaluation.route_budget(ts_rows, b)
         cid = evaluation.condition_id("tokenskip", rt["ratio"])
         routes[b] = {**rt, "source": (cid, samples[cid], by_id[cid]["max_new_tokens"])}
+    saved = _saved_hard_budgets(cfg, name, "tokenskip", routes)
+    if saved is not None:
+        return saved
     res = _hard_budget("tokenskip", routes, engines, cfg, kind)
     log.info(
         "[%s] hard budgets %s, TokenSkip routed to γ %s: %.1f s",
@@ -665,7 +698,50 @@ def _run_hard_budgets_tokenskip(
     )
     for b in res:  # the route's figures go with the entry
         res[b][1].update({k: routes[b][k] for k in ("ratio", "expected_cot_tokens", "fits")})
+    _save_hard_budgets(cfg, name, "tokenskip", routes, res)
     return res
+
+
+def _hard_budget_file(cfg: EvalConfig, name: str, b: int, model: str) -> Path:
+    return Path(cfg.output_dir) / "samples" / name / f"hard_budget-{b}-{model}.jsonl"
+
+
+def _hard_budget_key(cfg: EvalConfig, model: str, routes: dict[int, dict]) -> dict:
+    return {
+        "model": model,
+        "force_answer_tokens": cfg.force_answer_tokens,
+        "routes": [
+            [b, rt.get("ratio"), rt["source"][0], rt["source"][2], _outputs_sha(rt["source"][1])]
+            for b, rt in routes.items()
+        ],
+    }
+
+
+def _saved_hard_budgets(
+    cfg: EvalConfig, name: str, model: str, routes: dict[int, dict]
+) -> dict[int, tuple[list[dict], dict]] | None:
+    """One model's hard-budget cells saved by an earlier run of this directory from the same
+    sources (a restart does not cap and force them again); else None."""
+    files = [_hard_budget_file(cfg, name, b, model) for b in routes]
+    meta_file = Path(cfg.output_dir) / "samples" / name / f"hard_budget-{model}.meta.json"
+    meta = _saved_derived(meta_file, _hard_budget_key(cfg, model, routes), files)
+    rows = _read_samples(files) if meta is not None else None
+    if rows is None:
+        return None
+    log.info("[%s] hard budgets %s, %s: saved by an earlier run, reused", name, list(routes), model)
+    return {b: (r, meta["info"][str(b)]) for b, r in zip(routes, rows)}
+
+
+def _save_hard_budgets(
+    cfg: EvalConfig, name: str, model: str, routes: dict[int, dict], res: dict[int, tuple[list[dict], dict]]
+) -> None:
+    """Each cell's samples, then the meta that lets a restarted run reuse them."""
+    for b, (rows, _) in res.items():
+        artifacts.write_rows(_hard_budget_file(cfg, name, b, model), rows, "jsonl")
+    artifacts.atomic_write_json(
+        Path(cfg.output_dir) / "samples" / name / f"hard_budget-{model}.meta.json",
+        {"key": _hard_budget_key(cfg, model, routes), "info": {str(b): info for b, (_, info) in res.items()}},
+    )
 
 
 def _hard_budget_entries(cfg: EvalConfig, out: Path, name: str, hard: dict) -> list[dict]:
@@ -675,8 +751,7 @@ def _hard_budget_entries(cfg: EvalConfig, out: Path, name: str, hard: dict) -> l
     for b in cfg.hard_budgets:
         for model in ("tokenskip", "base"):
             rows, info = hard[model][b]
-            rel = f"samples/{name}/hard_budget-{b}-{model}.jsonl"
-            artifacts.write_rows(out / rel, rows, "jsonl")
+            rel = f"samples/{name}/hard_budget-{b}-{model}.jsonl"  # written by _save_hard_budgets
             entry = {
                 "budget": b,
                 "model": model,
@@ -753,27 +828,40 @@ def evaluate_body(cfg: EvalConfig) -> dict:
                 s = _truncate(cond, samples["original"], tokenizer, kind, cfg.grader)
                 lat, thr, reused = [], None, None
             elif cond.method == "budget_forcing":
-                llm, _ = engines.get(False)
-                t0 = time.perf_counter()
-                s, lat, thr = _budget_force(
-                    cond,
-                    samples["original"],
-                    by_id["original"]["latency_each_s"],
-                    llm,
-                    cfg,
-                    kind,
-                    n_lat,
-                    f"[{name}] {cond.id}",
-                )
                 reused = None
                 extra_fields[cond.id] = {"force_answer_tokens": cfg.force_answer_tokens}
-                log.info(
-                    "[%s] %s: answers forced after the cut CoT for %d questions in %.1f s",
-                    name,
-                    cond.id,
-                    len(s),
-                    time.perf_counter() - t0,
-                )
+                bf_key = {
+                    "ratio": cond.ratio,
+                    "force_answer_tokens": cfg.force_answer_tokens,
+                    "latency_samples": n_lat,
+                    "source": _outputs_sha(samples["original"]),
+                }
+                bf_file = out / "samples" / name / f"{cond.id}.jsonl"
+                bf_meta = _saved_derived(_meta_path(out, name, cond.id), bf_key, [bf_file])
+                bf_rows = _read_samples([bf_file]) if bf_meta is not None else None
+                if bf_rows is not None:  # a restarted run: forced before from the same outputs
+                    s, lat, thr = bf_rows[0], list(bf_meta["latency_each_s"]), bf_meta["throughput"]
+                    log.info("[%s] %s: forced answers saved by an earlier run reused", name, cond.id)
+                else:
+                    llm, _ = engines.get(False)
+                    t0 = time.perf_counter()
+                    s, lat, thr = _budget_force(
+                        cond,
+                        samples["original"],
+                        by_id["original"]["latency_each_s"],
+                        llm,
+                        cfg,
+                        kind,
+                        n_lat,
+                        f"[{name}] {cond.id}",
+                    )
+                    log.info(
+                        "[%s] %s: answers forced after the cut CoT for %d questions in %.1f s",
+                        name,
+                        cond.id,
+                        len(s),
+                        time.perf_counter() - t0,
+                    )
             else:
                 extra = BASELINE_PROMPTS[cond.prompt_name] if cond.method == "prompt" else None
                 ratio = cond.ratio if cond.method == "tokenskip" else None
@@ -847,6 +935,10 @@ def evaluate_body(cfg: EvalConfig) -> dict:
             artifacts.write_rows(out / "samples" / name / f"{cond.id}.jsonl", s, "jsonl")
             if cond.method not in evaluation.DERIVED:
                 _save_condition_meta(out, name, cond.id, rows, prompts, budget, lat, thr, reused)
+            elif cond.method == "budget_forcing":  # after its samples: a restarted run reuses them
+                artifacts.atomic_write_json(
+                    _meta_path(out, name, cond.id), {"key": bf_key, "latency_each_s": lat, "throughput": thr}
+                )
             fig = evaluation.summarize(s)
             by_id[cond.id] = {
                 "id": cond.id,

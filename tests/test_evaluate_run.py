@@ -395,6 +395,49 @@ def test_restart_reuses_the_conditions_already_saved(fake_engine, tmp_path):
 # ---------------------------------------------------------------- budget forcing + hard budgets (#16), fake engine
 
 
+def test_restart_reuses_budget_forcing_and_hard_budgets(fake_engine, tmp_path):
+    """A run that dies after its forcing passes does not force them again on restart; a source
+    that changed (another γ routed, other outputs) is forced again."""
+    out = tmp_path / "eval"
+    cfg = EvalConfig(
+        model="smollm2-135m-instruct",
+        datasets=["gsm8k"],
+        limit=3,
+        max_new_tokens=40,
+        ratios=[1.0, 0.5],
+        baselines=["budget_forcing"],
+        hard_budgets=[6, 40],
+        force_answer_tokens=10,
+        latency_samples=1,
+        output_dir=str(out),
+        placement="driver",
+    )
+    run_evaluate(cfg)
+    first = json.loads((out / "results.json").read_text())["datasets"]["gsm8k"]
+    assert fake_engine["forced"], "the first run forces answers"
+    (out / "manifest.json").unlink()  # as if it died just before finishing
+    fake_engine["calls"].clear()
+    fake_engine["forced"].clear()
+    run_evaluate(cfg)
+    assert fake_engine["calls"] == [] and fake_engine["forced"] == []  # nothing generated, nothing forced
+    again = json.loads((out / "results.json").read_text())["datasets"]["gsm8k"]
+    assert again["hard_budget"] == first["hard_budget"]
+    bf = lambda d: next(r for r in d["conditions"] if r["id"] == "budget_forcing-0.5")  # noqa: E731
+    assert bf(again) == bf(first)
+    # the base model's source (the original's outputs) changed: its cells and budget forcing are redone
+    original = out / "samples" / "gsm8k" / "original.jsonl"
+    rows = artifacts.read_rows(original)
+    rows[0]["token_ids"] = rows[0]["token_ids"][:-1]
+    artifacts.write_rows(original, rows, "jsonl")
+    (out / "manifest.json").unlink()
+    run_evaluate(cfg)
+    # forced again: budget forcing (a batch of 3, then 1 timed) and the base model's cells (B = 6: all 3);
+    # all from the base model's plain prompts; TokenSkip's cells (sources unchanged) are reused
+    assert [n for n, _, _ in fake_engine["forced"]] == [3, 3, 3, 1, 3, 3, 3]
+    plain = tuple(r["prompt"] for r in rows)
+    assert all(p.startswith(plain) for _, _, p in fake_engine["forced"])
+
+
 def test_budget_forcing_and_hard_budgets_fake_engine(fake_engine, tmp_path, tiny_llama):
     from transformers import AutoTokenizer
 
