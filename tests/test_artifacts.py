@@ -338,3 +338,28 @@ def test_fingerprint_from_before_derived_keys_is_not_a_change(tmp_path):
     (stage / A.FINGERPRINT).write_text(json.dumps(legacy))
     _finish(stage, "generate")
     assert A.skip_if_finished(stage, config=cfg)["stage"] == "generate"
+
+
+def test_fingerprint_from_before_a_new_field_at_its_default_is_not_a_change(tmp_path):
+    """An evaluate directory finished before e.g. ``hard_budgets`` existed is still skipped when
+    the field is at its default (the old behaviour); set to anything else, it is a change."""
+    import json
+
+    from tokenskip.config import EvalConfig
+
+    stage = tmp_path / "eval"
+    cfg = EvalConfig(output_dir=str(stage), limit=3)
+    old = {k: v for k, v in A.config_fingerprint(cfg).items() if not k.startswith(("hard_budgets", "force_answer"))}
+    assert len(old) < len(A.config_fingerprint(cfg))
+    stage.mkdir()
+    (stage / A.FINGERPRINT).write_text(json.dumps(old))
+    _finish(stage, "evaluate")
+    assert A.skip_if_finished(stage, config=cfg)["stage"] == "evaluate"
+    assert json.loads((stage / A.FINGERPRINT).read_text()) == A.config_fingerprint(cfg)  # recorded once
+    (stage / A.FINGERPRINT).write_text(json.dumps(old))
+    with pytest.raises(A.ConfigChanged, match=r"hard_budgets: null -> \[64\]"):
+        A.skip_if_finished(stage, config=EvalConfig(output_dir=str(stage), limit=3, hard_budgets=[64]))
+    # a key another version dropped or renamed is still a change
+    (stage / A.FINGERPRINT).write_text(json.dumps({**A.config_fingerprint(cfg), "gone": 1}))
+    with pytest.raises(A.ConfigChanged, match="gone: 1 -> null"):
+        A.skip_if_finished(stage, config=cfg)

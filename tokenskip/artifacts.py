@@ -387,6 +387,15 @@ def check_fingerprint(stage_dir: str | os.PathLike, config: Any, stage: str | No
     if old_stage is None:  # a fingerprint from before the derived keys: they are not changes
         keys = {k for k in keys if not k.startswith("_") or k in old}
     changed = sorted(k for k in keys if old.get(k) != new.get(k))
+    added = _added_at_default(config, stage, [k for k in changed if k not in old])
+    if added:  # keys a later version added, at the defaults that keep the old behaviour
+        logging.getLogger("tokenskip").info(
+            "%s: fingerprint from an earlier version; recording %s at their defaults", stage_dir, ", ".join(added)
+        )
+        changed = [k for k in changed if k not in added]
+        if not changed:
+            atomic_write_json(path, {**new, **({"_stage": stage} if stage else {})})
+            return
     if not changed:
         return
     if stage:
@@ -403,6 +412,20 @@ def check_fingerprint(stage_dir: str | os.PathLike, config: Any, stage: str | No
         f"{stage_dir}: this stage was {state} with a different config ({what}); "
         f"re-run with --force to redo it, or give it another output_dir"
     )
+
+
+def _added_at_default(config: Any, stage: str | None, keys: list[str]) -> list[str]:
+    """Of ``keys`` (absent from a stored fingerprint), those whose value in ``config`` is its
+    class's default: a field added by a later version, at the value that keeps the old
+    behaviour, is not a change. Derived keys (``_…``) are never taken as defaults."""
+    if not keys or not hasattr(config, "__dataclass_fields__"):
+        return []
+    try:
+        default = config_fingerprint(type(config)(), stage)
+    except Exception:  # a config class without defaults for every field
+        return []
+    new = config_fingerprint(config, stage)
+    return [k for k in keys if not k.startswith("_") and k in default and new.get(k) == default[k]]
 
 
 def skip_if_finished(
