@@ -110,7 +110,15 @@ def bench_bare_vllm(model: str, prompt_ids: list[list[int]], max_new_tokens: int
 
 
 def bench_ray_stage(
-    model: str, n: int, split: str, dataset: str, max_new_tokens: int, backend: str, batch_size: int, out_dir: str
+    model: str,
+    n: int,
+    split: str,
+    dataset: str,
+    max_new_tokens: int,
+    backend: str,
+    batch_size: int,
+    out_dir: str,
+    max_pending_requests: int | None = None,
 ) -> dict:
     from pipelines.common import init_ray
     from pipelines.generate import run_generate
@@ -125,6 +133,7 @@ def bench_ray_stage(
         batch_size=batch_size,
         shard_rows=batch_size,
         backend=backend,
+        max_pending_requests=max_pending_requests,
     )
     t0 = time.perf_counter()
     m = run_generate(cfg, force=True)
@@ -142,6 +151,7 @@ def bench_ray_stage(
         "correct": m["counts"]["correct"],
         "batch_size": cfg.batch_size,
         "max_concurrent_batches": cfg.max_concurrent_batches,
+        "max_pending_requests": cfg.max_pending_requests,
     }
     # The stage's own engine start: from run_generate's call (loading the questions included) to
     # its first request reaching the engine; everything after it, writing the output and the
@@ -187,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--backend", default="auto", choices=["auto", "ray_data_llm", "vllm_udf"])
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-pending-requests", type=int, help="generate.max_pending_requests for (b)")
     p.add_argument("--skip-bare", action="store_true")
     p.add_argument("--out-dir", help="keep the stage's output here (default: a temporary directory)")
     p.add_argument("--max-cot-tokens", type=int, default=500, help="the cots stage's length limit for the yield report")
@@ -209,7 +220,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-gen-") as tmp:
         gen_dir = str(Path(args.out_dir or tmp) / "generate")
         res["b_ray_data_stage"] = bench_ray_stage(
-            args.model, args.n, args.split, args.dataset, args.max_new_tokens, args.backend, args.batch_size, gen_dir
+            args.model,
+            args.n,
+            args.split,
+            args.dataset,
+            args.max_new_tokens,
+            args.backend,
+            args.batch_size,
+            gen_dir,
+            args.max_pending_requests,
         )
         res["yield"] = yield_report(gen_dir, args.max_cot_tokens)
     b, a, c = res["b_ray_data_stage"], res.get("a_transformers_bs1"), res.get("c_bare_vllm")

@@ -339,6 +339,7 @@ def _ray_data_llm_generate(ds, cfg: GenerateConfig, max_new_tokens: int):
         batch_size=cfg.batch_size,
         concurrency=cfg.concurrency,
         max_concurrent_batches=cfg.max_concurrent_batches,
+        max_pending_requests=cfg.max_pending_requests,
         placement_group_config=pg,
         chat_template_stage=False,
         tokenize_stage=False,

@@ -440,7 +440,9 @@ def test_ray_data_llm_pipeline_renders_each_prompt_once(tiny_llama, ray_local):
     every prompt rendered twice)."""
     from pipelines.generate import build_dataset
 
-    cfg = GenerateConfig(model=tiny_llama, max_new_tokens=8, max_prompt_tokens=64, backend="ray_data_llm")
+    cfg = GenerateConfig(
+        model=tiny_llama, max_new_tokens=8, max_prompt_tokens=64, backend="ray_data_llm", max_pending_requests=7
+    )
     ds = build_dataset([{"id": "a", "question": "1+1?", "gold": "2", "kind": "gsm8k"}], cfg)
 
     def paths(op) -> list[str]:  # operator names along every path from the output to a source
@@ -452,3 +454,9 @@ def test_ray_data_llm_pipeline_renders_each_prompt_once(tiny_llama, ray_local):
     chains = paths(ds._logical_plan.dag)
     assert len(chains) == 1, chains
     assert chains[0].count("PromptUDF") == 1 and "FinishUDF" in chains[0], chains
+    op = ds._logical_plan.dag
+    while "vLLMEngineStageUDF" not in op.name:
+        op = op.input_dependencies[0]
+    assert op.fn_constructor_kwargs["max_pending_requests"] == 7  # generate.max_pending_requests reaches the engine
+    with pytest.raises(Exception, match="max_pending_requests"):
+        GenerateConfig(max_pending_requests=0)

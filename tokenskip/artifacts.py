@@ -46,6 +46,7 @@ OPERATIONAL_KEYS = frozenset(
         "ray",
         "batch_size",
         "max_concurrent_batches",
+        "max_pending_requests",
         "shard_rows",
         "concurrency",
         "num_cpus",

@@ -171,6 +171,12 @@ class GenerateConfig:
             "max_num_seqs so rows queue in the engine while a batch waits for its slowest row"
         },
     )
+    max_pending_requests: int | None = field(
+        default=None,
+        metadata={
+            "help": "ray_data_llm: requests one engine may hold (running + queued); None: Ray's 1.1 x max_num_seqs"
+        },
+    )
     shard_rows: int = field(default=64, metadata={"help": "rows per committed output part (the resume granularity)"})
     concurrency: int = field(default=1, metadata={"help": "number of vLLM engine replicas"})
     num_gpus: float = field(default=0.0, metadata={"help": "GPUs per replica (tensor_parallel_size x pipeline size)"})
@@ -192,7 +198,7 @@ class GenerateConfig:
     def __post_init__(self) -> None:
         _share(self, "max_reject_share")
         _positive(self, "batch_size", "shard_rows", "concurrency", "max_concurrent_batches")
-        _positive(self, "max_new_tokens", "max_prompt_tokens", allow_none=True)
+        _positive(self, "max_new_tokens", "max_prompt_tokens", "max_pending_requests", allow_none=True)
         _nonneg(self, "temperature", "num_gpus", "num_cpus")
         _choice(self, "backend", ("auto", "ray_data_llm", "vllm_udf"))
 
