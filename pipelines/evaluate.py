@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -357,24 +358,18 @@ def _outputs_sha(samples: list[dict]) -> str:
     return _prompts_sha([[x["id"], x["prompt"], list(x["token_ids"]), x["finish_reason"]] for x in samples])
 
 
-def _saved_derived(meta_file: Path, key: dict, sample_files: list[Path]) -> dict | None:
-    """The meta of a derived result an earlier run of this directory finished from exactly
-    ``key`` (its sources' outputs and settings), with its sample files; else None."""
+def _saved_derived(meta_file: Path, key: dict, sample_files: list[Path]) -> tuple[dict, list[list[dict]]] | None:
+    """(meta, each file's rows) of a derived result an earlier run of this directory finished
+    from exactly ``key`` (its sources' outputs and settings); else None."""
     if not (meta_file.is_file() and all(f.is_file() for f in sample_files)):
         return None
     try:
         meta = json.loads(meta_file.read_text())
-    except (OSError, ValueError) as e:
-        log.warning("%s unreadable (%s); computing it again", meta_file, e)
-        return None
-    return meta if meta.get("key") == key else None
-
-
-def _read_samples(files: list[Path]) -> list[list[dict]] | None:
-    try:
-        return [artifacts.read_rows(f) for f in files]
+        if meta.get("key") != key:
+            return None
+        return meta, [artifacts.read_rows(f) for f in sample_files]
     except (OSError, ValueError, artifacts.StageError) as e:
-        log.warning("saved samples unreadable (%s); computing them again", e)
+        log.warning("%s: saved result unreadable (%s); computing it again", meta_file, e)
         return None
 
 
@@ -665,13 +660,13 @@ def _run_hard_budgets_base(
     t0 = time.perf_counter()
     budget = by_id["original"]["max_new_tokens"]
     routes = {b: {"ratio": None, "source": ("original", samples["original"], budget)} for b in cfg.hard_budgets}
-    saved = _saved_hard_budgets(cfg, name, "base", routes)
-    if saved is not None:
-        return saved
-    res = _hard_budget("base", routes, engines, cfg, kind)
-    log.info("[%s] hard budgets %s, base model: %.1f s", name, cfg.hard_budgets, time.perf_counter() - t0)
-    _save_hard_budgets(cfg, name, "base", routes, res)
-    return res
+
+    def compute() -> dict[int, tuple[list[dict], dict]]:
+        res = _hard_budget("base", routes, engines, cfg, kind)
+        log.info("[%s] hard budgets %s, base model: %.1f s", name, cfg.hard_budgets, time.perf_counter() - t0)
+        return res
+
+    return _cached_hard_budgets(cfg, name, "base", routes, compute)
 
 
 def _run_hard_budgets_tokenskip(
@@ -685,21 +680,21 @@ def _run_hard_budgets_tokenskip(
         rt = evaluation.route_budget(ts_rows, b)
         cid = evaluation.condition_id("tokenskip", rt["ratio"])
         routes[b] = {**rt, "source": (cid, samples[cid], by_id[cid]["max_new_tokens"])}
-    saved = _saved_hard_budgets(cfg, name, "tokenskip", routes)
-    if saved is not None:
-        return saved
-    res = _hard_budget("tokenskip", routes, engines, cfg, kind)
-    log.info(
-        "[%s] hard budgets %s, TokenSkip routed to γ %s: %.1f s",
-        name,
-        cfg.hard_budgets,
-        [routes[b]["ratio"] for b in cfg.hard_budgets],
-        time.perf_counter() - t0,
-    )
-    for b in res:  # the route's figures go with the entry
-        res[b][1].update({k: routes[b][k] for k in ("ratio", "expected_cot_tokens", "fits")})
-    _save_hard_budgets(cfg, name, "tokenskip", routes, res)
-    return res
+
+    def compute() -> dict[int, tuple[list[dict], dict]]:
+        res = _hard_budget("tokenskip", routes, engines, cfg, kind)
+        log.info(
+            "[%s] hard budgets %s, TokenSkip routed to γ %s: %.1f s",
+            name,
+            cfg.hard_budgets,
+            [routes[b]["ratio"] for b in cfg.hard_budgets],
+            time.perf_counter() - t0,
+        )
+        for b in res:  # the route's figures go with the entry
+            res[b][1].update({k: routes[b][k] for k in ("ratio", "expected_cot_tokens", "fits")})
+        return res
+
+    return _cached_hard_budgets(cfg, name, "tokenskip", routes, compute)
 
 
 def _hard_budget_file(cfg: EvalConfig, name: str, b: int, model: str) -> Path:
@@ -717,41 +712,39 @@ def _hard_budget_key(cfg: EvalConfig, model: str, routes: dict[int, dict]) -> di
     }
 
 
-def _saved_hard_budgets(
-    cfg: EvalConfig, name: str, model: str, routes: dict[int, dict]
-) -> dict[int, tuple[list[dict], dict]] | None:
-    """One model's hard-budget cells saved by an earlier run of this directory from the same
-    sources (a restart does not cap and force them again); else None."""
+def _cached_hard_budgets(
+    cfg: EvalConfig,
+    name: str,
+    model: str,
+    routes: dict[int, dict],
+    compute: Callable[[], dict[int, tuple[list[dict], dict]]],
+) -> dict[int, tuple[list[dict], dict]]:
+    """One model's hard-budget cells: saved by an earlier run of this directory from the same
+    sources (a restart does not cap and force them again), else ``compute()``d and saved, each
+    cell's samples first, then the meta that lets a restarted run reuse them."""
     files = [_hard_budget_file(cfg, name, b, model) for b in routes]
     meta_file = Path(cfg.output_dir) / "samples" / name / f"hard_budget-{model}.meta.json"
-    meta = _saved_derived(meta_file, _hard_budget_key(cfg, model, routes), files)
-    rows = _read_samples(files) if meta is not None else None
-    if rows is None:
-        return None
-    log.info("[%s] hard budgets %s, %s: saved by an earlier run, reused", name, list(routes), model)
-    return {b: (r, meta["info"][str(b)]) for b, r in zip(routes, rows)}
-
-
-def _save_hard_budgets(
-    cfg: EvalConfig, name: str, model: str, routes: dict[int, dict], res: dict[int, tuple[list[dict], dict]]
-) -> None:
-    """Each cell's samples, then the meta that lets a restarted run reuse them."""
+    key = _hard_budget_key(cfg, model, routes)
+    saved = _saved_derived(meta_file, key, files)
+    if saved is not None:
+        meta, rows = saved
+        log.info("[%s] hard budgets %s, %s: saved by an earlier run, reused", name, list(routes), model)
+        return {b: (r, meta["info"][str(b)]) for b, r in zip(routes, rows)}
+    res = compute()
     for b, (rows, _) in res.items():
         artifacts.write_rows(_hard_budget_file(cfg, name, b, model), rows, "jsonl")
-    artifacts.atomic_write_json(
-        Path(cfg.output_dir) / "samples" / name / f"hard_budget-{model}.meta.json",
-        {"key": _hard_budget_key(cfg, model, routes), "info": {str(b): info for b, (_, info) in res.items()}},
-    )
+    artifacts.atomic_write_json(meta_file, {"key": key, "info": {str(b): info for b, (_, info) in res.items()}})
+    return res
 
 
-def _hard_budget_entries(cfg: EvalConfig, out: Path, name: str, hard: dict) -> list[dict]:
-    """Write each (budget, model) cell's samples; its figures in results.json's order (per B:
-    TokenSkip, then the base model)."""
+def _hard_budget_entries(cfg: EvalConfig, name: str, hard: dict) -> list[dict]:
+    """Each (budget, model) cell's figures in results.json's order (per B: TokenSkip, then the
+    base model); its samples were written by :func:`_cached_hard_budgets`."""
     entries = []
     for b in cfg.hard_budgets:
         for model in ("tokenskip", "base"):
             rows, info = hard[model][b]
-            rel = f"samples/{name}/hard_budget-{b}-{model}.jsonl"  # written by _save_hard_budgets
+            rel = f"samples/{name}/hard_budget-{b}-{model}.jsonl"
             entry = {
                 "budget": b,
                 "model": model,
@@ -837,10 +830,10 @@ def evaluate_body(cfg: EvalConfig) -> dict:
                     "source": _outputs_sha(samples["original"]),
                 }
                 bf_file = out / "samples" / name / f"{cond.id}.jsonl"
-                bf_meta = _saved_derived(_meta_path(out, name, cond.id), bf_key, [bf_file])
-                bf_rows = _read_samples([bf_file]) if bf_meta is not None else None
-                if bf_rows is not None:  # a restarted run: forced before from the same outputs
-                    s, lat, thr = bf_rows[0], list(bf_meta["latency_each_s"]), bf_meta["throughput"]
+                saved_bf = _saved_derived(_meta_path(out, name, cond.id), bf_key, [bf_file])
+                if saved_bf is not None:  # a restarted run: forced before from the same outputs
+                    (bf_meta, (s,)) = saved_bf
+                    lat, thr = list(bf_meta["latency_each_s"]), bf_meta["throughput"]
                     log.info("[%s] %s: forced answers saved by an earlier run reused", name, cond.id)
                 else:
                     llm, _ = engines.get(False)
@@ -984,7 +977,7 @@ def evaluate_body(cfg: EvalConfig) -> dict:
             if "base" not in hard:
                 hard["base"] = _run_hard_budgets_base(cfg, name, samples, by_id, engines, kind)
             hard["tokenskip"] = _run_hard_budgets_tokenskip(cfg, name, samples, by_id, engines, kind)
-            results["datasets"][name]["hard_budget"] = _hard_budget_entries(cfg, out, name, hard)
+            results["datasets"][name]["hard_budget"] = _hard_budget_entries(cfg, name, hard)
 
     results["wall_s"] = time.perf_counter() - t_start
     results["engine_start_s"] = engines.start_s
