@@ -388,19 +388,17 @@ def check_fingerprint(stage_dir: str | os.PathLike, config: Any, stage: str | No
     if old_stage is None:  # a fingerprint from before the derived keys: they are not changes
         keys = {k for k in keys if not k.startswith("_") or k in old}
     changed = sorted(k for k in keys if old.get(k) != new.get(k))
-    added = _added_at_default(config, stage, [k for k in changed if k not in old])
-    if added:  # keys a later version added, at the defaults that keep the old behaviour
-        logging.getLogger("tokenskip").info(
-            "%s: fingerprint from an earlier version; recording %s at their defaults", stage_dir, ", ".join(added)
-        )
-        changed = [k for k in changed if k not in added]
-        if not changed:
-            atomic_write_json(path, {**new, **({"_stage": stage} if stage else {})})
-            return
-    if not changed:
-        return
+    added = _added_at_default(config, stage, new, [k for k in changed if k not in old])
+    changed = [k for k in changed if k not in added]
     if stage:
         new["_stage"] = stage
+    if not changed:
+        if added:  # keys a later version added, at the defaults that keep the old behaviour
+            logging.getLogger("tokenskip").info(
+                "%s: fingerprint from an earlier version; recording %s at their defaults", stage_dir, ", ".join(added)
+            )
+            atomic_write_json(path, new)
+        return
     if not complete and all(k.rsplit(".", 1)[-1] == "limit" for k in changed):
         logging.getLogger("tokenskip").info(
             "%s: resuming with %s", stage_dir, ", ".join(f"{k}={_short(new.get(k))}" for k in changed)
@@ -415,17 +413,16 @@ def check_fingerprint(stage_dir: str | os.PathLike, config: Any, stage: str | No
     )
 
 
-def _added_at_default(config: Any, stage: str | None, keys: list[str]) -> list[str]:
-    """Of ``keys`` (absent from a stored fingerprint), those whose value in ``config`` is its
-    class's default: a field added by a later version, at the value that keeps the old
-    behaviour, is not a change. Derived keys (``_…``) are never taken as defaults."""
+def _added_at_default(config: Any, stage: str | None, new: dict, keys: list[str]) -> list[str]:
+    """Of ``keys`` (absent from a stored fingerprint), those whose value in ``new`` (``config``'s
+    fingerprint) is its class's default: a field added by a later version, at the value that
+    keeps the old behaviour, is not a change. Derived keys (``_…``) are never taken as defaults."""
     if not keys or not hasattr(config, "__dataclass_fields__"):
         return []
     try:
         default = config_fingerprint(type(config)(), stage)
     except Exception:  # a config class without defaults for every field
         return []
-    new = config_fingerprint(config, stage)
     return [k for k in keys if not k.startswith("_") and k in default and new.get(k) == default[k]]
 
 
