@@ -129,8 +129,6 @@ def resolve_backend(cfg: GenerateConfig) -> str:
 
 def model_max_len(model: str, engine_kwargs: dict) -> int:
     """The context length vLLM will use: ``max_model_len`` if set, else the model config's."""
-    from tokenskip import engine
-
     kw = engine.engine_kwargs_for(model, engine_kwargs)
     if kw.get("max_model_len"):
         return int(kw["max_model_len"])
@@ -223,14 +221,10 @@ class VLLMGenerateUDF:
     engine, or every row of the batch failing) raises :class:`EngineFailure` instead."""
 
     def __init__(self, model: str, engine_kwargs: dict, max_new_tokens: int, temperature: float, seed: int) -> None:
-        from tokenskip import engine
-
         self.llm = engine.build_llm(model, engine_kwargs, seed=seed)
         self.params = engine.sampling_params(max_new_tokens, temperature, seed)
 
     def _generate(self, prompts: list[str]):
-        from tokenskip import engine
-
         return engine.generate(self.llm, prompts, self.params)
 
     def __call__(self, batch):
@@ -316,8 +310,6 @@ def _ray_data_llm_generate(ds, cfg: GenerateConfig, max_new_tokens: int):
     """Generation through ray.data.llm. Rows flagged earlier (no prompt / too long) pass the
     engine as one-token requests and come out without an output."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
-
-    from tokenskip import engine
 
     kw = engine.engine_kwargs_for(cfg.model, cfg.engine_kwargs, seed=cfg.seed)
     model = kw.pop("model")
