@@ -395,11 +395,9 @@ def test_restart_reuses_the_conditions_already_saved(fake_engine, tmp_path):
 # ---------------------------------------------------------------- budget forcing + hard budgets (#16), fake engine
 
 
-def test_restart_reuses_budget_forcing_and_hard_budgets(fake_engine, tmp_path):
-    """A run that dies after its forcing passes does not force them again on restart; a source
-    that changed (another γ routed, other outputs) is forced again."""
-    out = tmp_path / "eval"
-    cfg = EvalConfig(
+def _forcing_config(out: Path) -> EvalConfig:
+    """3 questions, γ 1.0 / 0.5, budget forcing and hard budgets 6 / 40, forced answers of 10 tokens."""
+    return EvalConfig(
         model="smollm2-135m-instruct",
         datasets=["gsm8k"],
         limit=3,
@@ -412,6 +410,13 @@ def test_restart_reuses_budget_forcing_and_hard_budgets(fake_engine, tmp_path):
         output_dir=str(out),
         placement="driver",
     )
+
+
+def test_restart_reuses_budget_forcing_and_hard_budgets(fake_engine, tmp_path):
+    """A run that dies after its forcing passes does not force them again on restart; a source
+    that changed (another γ routed, other outputs) is forced again."""
+    out = tmp_path / "eval"
+    cfg = _forcing_config(out)
     run_evaluate(cfg)
     first = json.loads((out / "results.json").read_text())["datasets"]["gsm8k"]
     assert fake_engine["forced"], "the first run forces answers"
@@ -446,19 +451,7 @@ def test_budget_forcing_and_hard_budgets_fake_engine(fake_engine, tmp_path, tiny
 
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     out = tmp_path / "eval"
-    cfg = EvalConfig(
-        model="smollm2-135m-instruct",
-        datasets=["gsm8k"],
-        limit=3,
-        max_new_tokens=40,
-        ratios=[1.0, 0.5],
-        baselines=["budget_forcing"],
-        hard_budgets=[6, 40],
-        force_answer_tokens=10,
-        latency_samples=1,
-        output_dir=str(out),
-        placement="driver",
-    )
+    cfg = _forcing_config(out)
     run_evaluate(cfg)
     results = json.loads((out / "results.json").read_text())
     ds = results["datasets"]["gsm8k"]
