@@ -188,6 +188,14 @@ class OpenAIIngress:
         if tsk and "hard_cap_fired" in tsk:  # present only on hard-budget requests
             self.m_hard.inc(tags={**tags, "fired": "true" if tsk["hard_cap_fired"] else "false"})
 
+    def _finished(self, tags: dict[str, str], status: int, tokens: int, t0: float) -> None:
+        """Count a request that reached the model: its status, its tokens, its latency. A stream that
+        failed or was dropped before its first token has none (Ray's ``Counter.inc`` refuses 0)."""
+        self.m_requests.inc(tags={**tags, "status": str(status)})
+        if tokens > 0:
+            self.m_tokens.inc(tokens, tags=tags)
+        self.m_latency.observe(time.perf_counter() - t0, tags=tags)
+
     def _succeeded(self, gamma: float | None) -> None:
         if gamma is not None:  # a γ the model accepted (route() validated it): a label from now on
             self._known_gammas.add(gamma)
@@ -267,9 +275,7 @@ class OpenAIIngress:
         gamma = out["compression_ratio"]
         self._succeeded(gamma)
         tags = self._tags(endpoint, req, gamma)
-        self.m_requests.inc(tags={**tags, "status": "200"})
-        self.m_tokens.inc(out["completion_tokens"], tags=tags)
-        self.m_latency.observe(time.perf_counter() - t0, tags=tags)
+        self._finished(tags, 200, out["completion_tokens"], t0)
         self._count_hard_budget(tags, out.get("tokenskip"))
         return _JSON(protocol.completion_body(req, out, protocol.model_name(self.cfg.model_id, req["adapter"])))
 
@@ -312,9 +318,7 @@ class OpenAIIngress:
                 log.warning("stream %s failed after %d tokens: %r", req["request_id"], n, e)
                 yield protocol.sse(protocol.error_body(api))
             finally:
-                self.m_requests.inc(tags={**tags, "status": str(status)})
-                self.m_tokens.inc(n, tags=tags)
-                self.m_latency.observe(time.perf_counter() - t0, tags=tags)
+                self._finished(tags, status, n, t0)
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

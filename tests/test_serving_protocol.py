@@ -330,6 +330,44 @@ def test_ingress_caches_its_handles():
     assert FakeHandle.built == 3
 
 
+def test_ingress_counts_a_stream_that_ended_before_its_first_token():
+    """A stream dropped or failed before any token has 0 tokens: Ray's Counter.inc(0) raises
+    ValueError, which lost the request's latency and raised out of the stream's ``finally``."""
+    import time
+    from types import SimpleNamespace
+
+    from ray.util.metrics import Counter, Histogram
+
+    from serving.app import OpenAIIngress
+
+    seen = []
+
+    class Recorded:
+        def _record(self, value, tags=None):
+            seen.append((self._name, value, dict(tags or {})))
+
+    class C(Recorded, Counter):
+        pass
+
+    class H(Recorded, Histogram):
+        pass
+
+    keys = ("endpoint", "adapter", "gamma")
+    fake = SimpleNamespace(
+        m_requests=C("t_requests", tag_keys=(*keys, "status")),
+        m_tokens=C("t_tokens", tag_keys=keys),
+        m_latency=H("t_latency", boundaries=[1.0], tag_keys=keys),
+    )
+    tags = {"endpoint": "chat", "adapter": "a", "gamma": "0.5"}
+    OpenAIIngress.func_or_class._finished(fake, tags, 499, 0, time.perf_counter())
+    assert [(n, v) for n, v, _ in seen[:1]] == [("t_requests", 1.0)] and seen[0][2]["status"] == "499"
+    assert [n for n, _, _ in seen] == ["t_requests", "t_latency"], seen  # no token count, the latency kept
+    seen.clear()
+    OpenAIIngress.func_or_class._finished(fake, tags, 200, 7, time.perf_counter())
+    assert [(n, v) for n, v, _ in seen[:2]] == [("t_requests", 1.0), ("t_tokens", 7)]
+    assert seen[2][0] == "t_latency" and seen[2][1] >= 0
+
+
 # ----------------------------------------------------------------------------- 6. smaller items
 
 
