@@ -12,6 +12,11 @@ changes it, then measures, on the same held-out questions:
   pruned to γ' its best likelihood when the prompt says γ' (discrimination; chance = 1/#γ);
 * **training throughput** - processed tokens/s (real + padding) and real tokens/s.
 
+The ``trunc`` variant is a control, not a recipe: its targets are each question's γ = 1 CoT
+cut after round(γ × its tokens) tokens (then the answer sentence), so the marker's value is the
+only thing that says where the CoT stops, and no pruning style hides it. If a model can't follow
+γ even there, it can't read the value at all; if it can, the pruned targets are what blur it.
+
 The training loop is the Ray Train worker's step without Ray (plain PyTorch + PEFT: AdamW,
 warm-up + cosine, clipping 1.0, length-grouped micro-batches, one device, global batch =
 ``--batch``), so a sweep runs where only torch, transformers and peft are installed (a GPU
@@ -41,7 +46,7 @@ MARKERS = {
     "x3": "{sep}{ratio}{sep}{ratio}{sep}{ratio}{sep}",
     "words": "{sep}Compress the reasoning to {pct}% of its usual length.{sep}",
 }
-QUICKSTART = dict(marker="eot", lr=1e-3, epochs=1.0, rank=8, group=True, sft=None)
+QUICKSTART = dict(marker="eot", lr=1e-3, epochs=1.0, rank=8, group=True, sft=None, targets="pruned")
 VARIANTS: dict[str, dict] = {
     "base": {},
     "nogroup": {"group": False},
@@ -56,6 +61,8 @@ VARIANTS: dict[str, dict] = {
     "words_ep3": {"marker": "words", "epochs": 3.0},
     "adh": {"sft": "adherence"},
     "adh_ep3": {"sft": "adherence", "epochs": 3.0},
+    "trunc": {"targets": "truncated"},
+    "trunc_ep3": {"targets": "truncated", "epochs": 3.0},
 }
 
 
@@ -63,7 +70,36 @@ def load_rows(path: str) -> list[dict]:
     import pyarrow.parquet as pq
 
     rows = pq.read_table(path).to_pylist()
-    return [{"question": r["question"], "ratio": float(r["ratio"]), "completion": r["completion"]} for r in rows]
+    return [
+        {
+            "id": r.get("id"),
+            "gold": r.get("gold"),
+            "question": r["question"],
+            "ratio": float(r["ratio"]),
+            "completion": r["completion"],
+        }
+        for r in rows
+    ]
+
+
+def truncated_rows(tok, rows: list[dict]) -> list[dict]:
+    """The ``trunc`` control's targets: for every row whose question also has a γ = 1 row, that
+    row's CoT cut after round(γ × its tokens) tokens (model tokenizer), then the answer sentence.
+
+    """
+    from tokenskip import prompt
+
+    full = {r["id"]: r for r in rows if r["ratio"] == 1.0}
+    out = []
+    for r in rows:
+        src = full.get(r["id"])
+        if src is None:
+            continue
+        cot, _ = prompt.split_answer(src["completion"])
+        ids = tok(cot.rstrip(), add_special_tokens=False)["input_ids"]
+        keep = ids[: max(1, round(r["ratio"] * len(ids)))]
+        out.append({**r, "completion": prompt.build_target(tok.decode(keep), str(src["gold"]))})
+    return out
 
 
 def train(model_path: str, tok, rows: list[dict], v: dict, a, device: str) -> tuple[object, dict]:
@@ -292,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: skipped (no --{key}-sft)", flush=True)
             continue
         rows = data[key][: a.max_rows] if a.max_rows else data[key]
+        if v["targets"] == "truncated":
+            rows = truncated_rows(tok, rows)
         model, tr = train(path, tok, rows, v, a, device)
         t = time.perf_counter()
         ad = adherence(model, tok, questions, ratios, MARKERS[v["marker"]], a, device)

@@ -80,3 +80,28 @@ def test_marker_forms_differ_only_in_the_marker():
         assert ("0.7" in text) or ("70%" in text), name
     assert prompt.user_content("Q", 0.7, marker=gamma_sweep.MARKERS["eot"]) == base
     assert prompt.user_content("Q", 1.0, marker=gamma_sweep.MARKERS["x3"]) == prompt.user_content("Q")
+
+
+class _WordTok:
+    """One token per whitespace-separated word."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": text.split()}
+
+    def decode(self, ids):
+        return " ".join(ids)
+
+
+def test_truncated_targets_cut_the_full_cot_at_gamma():
+    full = prompt.build_target("a b c d e f g h i j", "7")
+    rows = [
+        {"id": "q", "gold": "7", "question": "Q", "ratio": g, "completion": c}
+        for g, c in ((1.0, full), (0.7, prompt.build_target("a c e", "7")), (0.5, prompt.build_target("x", "7")))
+    ]
+    rows.append({"id": "lone", "gold": "1", "question": "L", "ratio": 0.5, "completion": prompt.build_target("y", "1")})
+    out = gamma_sweep.truncated_rows(_WordTok(), rows)
+    assert [r["id"] for r in out] == ["q", "q", "q"]  # no γ = 1 row for "lone": nothing to cut
+    cots = [prompt.split_answer(r["completion"])[0].strip() for r in out]
+    assert cots == ["a b c d e f g h i j", "a b c d e f g", "a b c d e"]
+    assert all(r["completion"].endswith(prompt.answer_sentence("7")) for r in out)
+    assert [r["ratio"] for r in out] == [1.0, 0.7, 0.5]
