@@ -84,9 +84,7 @@ def load_rows(path: str) -> list[dict]:
 
 def truncated_rows(tok, rows: list[dict]) -> list[dict]:
     """The ``trunc`` control's targets: for every row whose question also has a γ = 1 row, that
-    row's CoT cut after round(γ × its tokens) tokens (model tokenizer), then the answer sentence.
-
-    """
+    row's CoT cut after round(γ × its tokens) tokens (model tokenizer), then the answer sentence."""
     from tokenskip import prompt
 
     full = {r["id"]: r for r in rows if r["ratio"] == 1.0}

@@ -9,7 +9,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import re
 import shutil
 import signal
 import statistics
@@ -380,17 +379,7 @@ def test_overload_503_with_retry_after(served):
 def test_prometheus_metrics_exported(served, client, ray_local):
     """The ingress's Counter/Histogram reach Ray's Prometheus endpoint (export interval ~10 s)."""
     _chat(client, f"{BASE}:a", compression_ratio=0.5)
-    node = next(n for n in ray_local.nodes() if n["Alive"])
-    url = f"http://127.0.0.1:{node['MetricsExportPort']}/metrics"
-    deadline, text = time.time() + 40, ""
-    while time.time() < deadline:
-        try:
-            text = urllib.request.urlopen(url, timeout=5).read().decode()
-        except OSError:
-            text = ""
-        if "tokenskip_requests" in text and "tokenskip_request_latency_s" in text:
-            break
-        time.sleep(2)
+    text = _metrics(ray_local, ["tokenskip_requests", "tokenskip_request_latency_s"])
     assert 'adapter="a"' in text and 'gamma="0.5"' in text, text[-2000:]
     assert "tokenskip_generated_tokens" in text
 
@@ -543,17 +532,16 @@ def test_metric_labels_are_bounded(served, client, ray_local):
     assert not any("0.123" in v for v in labels["gamma"]), labels["gamma"]
 
 
-_SAMPLE = re.compile(r"^(ray_tokenskip_\w+)\{(.*)\}\s\S+$")
-_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
-
-
 def _tokenskip_label_values(text: str) -> dict[str, set[str]]:
     """Every label's values over the ``ray_tokenskip_*`` samples of a Prometheus exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     out: dict[str, set[str]] = {}
-    for line in text.splitlines():
-        if m := _SAMPLE.match(line):
-            for key, value in _LABEL.findall(m.group(2)):
-                out.setdefault(key, set()).add(value)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("ray_tokenskip_"):
+                for key, value in sample.labels.items():
+                    out.setdefault(key, set()).add(value)
     return out
 
 
