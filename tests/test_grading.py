@@ -334,6 +334,23 @@ def test_sympy_work_per_comparison_is_bounded():
     assert is_equiv(r"(\sqrt{4}, \sqrt{9})", "(2, 3)", "math")
 
 
+def test_a_comparison_cut_short_by_its_budget_is_not_cached(monkeypatch):
+    """The sympy budget is CPU time of the grading thread, not wall clock (a loaded CI
+    machine once turned cot x == cos x / sin x into False), and a verdict it cuts short is
+    not memoised: the same pair compared again with budget left is equal."""
+    pair = (r"\cot y", r"\frac{\cos y}{\sin y}", "math")
+    _clear_caches()
+    monkeypatch.setattr(grading, "_SYMPY_BUDGET_S", -1.0)
+    assert is_equiv(*pair) is False
+    monkeypatch.setattr(grading, "_SYMPY_BUDGET_S", 0.5)
+    assert is_equiv(*pair) is True  # not the cached False of the run above
+    # the wall clock jumping (another process holding the cores) does not spend the budget
+    _clear_caches()
+    ticks = iter(range(0, 10**9, 1000))
+    monkeypatch.setattr(grading.time, "perf_counter", lambda: float(next(ticks)))
+    assert is_equiv(*pair) is True
+
+
 def test_sympy_fallback_is_thread_safe():
     """Graders run inside Ray/Serve worker threads: no signal.alarm, no main-thread need."""
     from concurrent.futures import ThreadPoolExecutor

@@ -1038,7 +1038,15 @@ def _to_sympy_string(s: str) -> str:
 
 
 _SAMPLE_SEEDS = (1, 2, 3)
-_SYMPY_BUDGET_S = 0.5  # wall-clock budget across sample points (each point is pre-bounded)
+# CPU-time budget of one comparison across sample points (each point is pre-bounded by
+# _float_probe).  CPU time of this thread, not wall clock: a loaded machine must not turn
+# a true equivalence into False.  Running out raises _OverBudget, which lru_cache does not
+# memoise, so a verdict cut short is never served again from the cache.
+_SYMPY_BUDGET_S = 0.5
+
+
+class _OverBudget(Exception):
+    """The comparison ran out of its CPU budget: no verdict (not cached)."""
 
 
 def _numeric_close(x: complex, y: complex) -> bool:
@@ -1117,10 +1125,10 @@ def _exprs_equal(xa, xb, ns) -> bool:
         return False
     valid = 0
     points = _SAMPLE_SEEDS if syms else (0,)
-    started = time.perf_counter()
+    started = time.thread_time()
     for seed in points:
-        if time.perf_counter() - started > _SYMPY_BUDGET_S:
-            return False
+        if time.thread_time() - started > _SYMPY_BUDGET_S:
+            raise _OverBudget
         rng = random.Random(seed * 7919 + len(syms))
         subs = {v: sympy.Float(round(rng.uniform(0.31, 2.37), 6)) for v in syms}
         fsubs = {v: complex(float(x)) for v, x in subs.items()}
@@ -1161,7 +1169,10 @@ def _sympy_equiv(a: str, b: str) -> bool:
     if left <= 0:  # one is_equiv() may not fan out into unbounded sympy work
         return False
     _budget.calls_left = left - 1
-    return _sympy_equiv_cached(a, b)
+    try:
+        return _sympy_equiv_cached(a, b)
+    except _OverBudget:
+        return False
 
 
 @lru_cache(maxsize=16384)
@@ -1187,6 +1198,8 @@ def _sympy_equiv_cached(a: str, b: str) -> bool:
         if ca == 1:  # the same equation written the other way round
             return _exprs_equal(xa, ns["sympy"].Mul(-1, xb, evaluate=False), ns)
         return False
+    except _OverBudget:
+        raise
     except _Refuse:
         return False
     except Exception:
