@@ -17,6 +17,10 @@ cut after round(γ × its tokens) tokens (then the answer sentence), so the mark
 only thing that says where the CoT stops, and no pruning style hides it. If a model can't follow
 γ even there, it can't read the value at all; if it can, the pruned targets are what blur it.
 
+The ``solo`` variants train one adapter per γ on that γ's rows only (the same rows the shared
+adapter sees for it) and ask each at its own γ: the adapter never has to read the value, so they
+show whether the model can produce γ × the tokens at all once the value is not its job.
+
 The training loop is the Ray Train worker's step without Ray (plain PyTorch + PEFT: AdamW,
 warm-up + cosine, clipping 1.0, length-grouped micro-batches, one device, global batch =
 ``--batch``), so a sweep runs where only torch, transformers and peft are installed (a GPU
@@ -46,7 +50,9 @@ MARKERS = {
     "x3": "{sep}{ratio}{sep}{ratio}{sep}{ratio}{sep}",
     "words": "{sep}Compress the reasoning to {pct}% of its usual length.{sep}",
 }
-QUICKSTART = dict(marker="eot", lr=1e-3, epochs=1.0, rank=8, group=True, sft=None, targets="pruned")
+QUICKSTART = dict(
+    marker="eot", lr=1e-3, epochs=1.0, rank=8, group=True, sft=None, targets="pruned", per_gamma=False
+)
 VARIANTS: dict[str, dict] = {
     "base": {},
     "nogroup": {"group": False},
@@ -63,6 +69,9 @@ VARIANTS: dict[str, dict] = {
     "adh_ep3": {"sft": "adherence", "epochs": 3.0},
     "trunc": {"targets": "truncated"},
     "trunc_ep3": {"targets": "truncated", "epochs": 3.0},
+    # one adapter per γ, each trained on that γ's rows only and asked at its own γ: no value to read
+    "solo": {"per_gamma": True},
+    "solo_ep3": {"per_gamma": True, "epochs": 3.0},
 }
 
 
@@ -198,6 +207,11 @@ def generate(
 
 
 def adherence(model, tok, questions: list[dict], ratios: list[float], marker: str | None, a, device: str) -> dict:
+    return summarize(outputs(model, tok, questions, ratios, marker, a, device))
+
+
+def outputs(model, tok, questions, ratios, marker, a, device) -> dict[float, list[dict]]:
+    """Per γ, one record per question: CoT tokens, output tokens, whether it hit the cap, correct."""
     from tokenskip import grading, prompt
 
     prompts, keys = [], []
@@ -221,6 +235,11 @@ def adherence(model, tok, questions: list[dict], ratios: list[float], marker: st
                 "correct": ok,
             }
         )
+    return per
+
+
+def summarize(per: dict[float, list[dict]]) -> dict:
+    """The adherence table from :func:`outputs`' records (γ = 1 is the reference when present)."""
     base = statistics.mean(s["cot"] for s in per[1.0]) if 1.0 in per else None
     res = {}
     for g, ss in per.items():
@@ -252,6 +271,27 @@ def probe(model, tok, questions: list[dict], targets: list[dict[float, str]], ra
         ]
         nll.append(dict(zip(keys, (n for n, _ in target_nlls(model, tok, pairs)))))
     return {g: {k: round(v, 3) for k, v in row.items()} for g, row in discrimination(nll, ratios).items()}
+
+
+def per_gamma(path, tok, rows, ratios, questions, v, a, device) -> tuple[dict, dict, float]:
+    """The ``solo`` variants: for each γ an adapter trained on that γ's rows only, asked at that γ."""
+    per, trains, gen_s = {}, {}, 0.0
+    for g in ratios:
+        model, trains[str(g)] = train(path, tok, [r for r in rows if r["ratio"] == g], v, a, device)
+        t = time.perf_counter()
+        per.update(outputs(model, tok, questions, [g], MARKERS[v["marker"]], a, device))
+        gen_s += time.perf_counter() - t
+        del model
+    tr = {
+        "rows": sum(t["rows"] for t in trains.values()),
+        "steps": sum(t["steps"] for t in trains.values()),
+        "seconds": round(sum(t["seconds"] for t in trains.values()), 2),
+        "real_tokens_per_s": round(statistics.mean(t["real_tokens_per_s"] for t in trains.values()), 1),
+        "real_share": round(statistics.mean(t["real_share"] for t in trains.values()), 4),
+        "loss_last": round(statistics.mean(t["loss_last"] for t in trains.values()), 4),
+        "per_gamma": trains,
+    }
+    return tr, summarize(per), gen_s
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -328,11 +368,16 @@ def main(argv: list[str] | None = None) -> int:
         rows = data[key][: a.max_rows] if a.max_rows else data[key]
         if v["targets"] == "truncated":
             rows = truncated_rows(tok, rows)
-        model, tr = train(path, tok, rows, v, a, device)
-        t = time.perf_counter()
-        ad = adherence(model, tok, questions, ratios, MARKERS[v["marker"]], a, device)
-        gen_s = time.perf_counter() - t
-        pr = probe(model, tok, pq, targets, ratios, MARKERS[v["marker"]]) if a.probe_n else None
+        if v["per_gamma"]:
+            model = None
+            tr, ad, gen_s = per_gamma(path, tok, rows, ratios, questions, v, a, device)
+            pr = None  # each adapter knows one γ: nothing to discriminate
+        else:
+            model, tr = train(path, tok, rows, v, a, device)
+            t = time.perf_counter()
+            ad = adherence(model, tok, questions, ratios, MARKERS[v["marker"]], a, device)
+            gen_s = time.perf_counter() - t
+            pr = probe(model, tok, pq, targets, ratios, MARKERS[v["marker"]]) if a.probe_n else None
         res["variants"][name] = {"config": v, "train": tr, "adherence": ad, "generate_s": round(gen_s, 1), "probe": pr}
         cells = " | ".join(
             f"γ{g}: cot {m['cot_mean']:.0f}/{m['cot_median']:.0f} x{m['actual_ratio']} run {m['runaway_share']:.2f}"

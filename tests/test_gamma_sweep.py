@@ -105,3 +105,25 @@ def test_truncated_targets_cut_the_full_cot_at_gamma():
     assert cots == ["a b c d e f g h i j", "a b c d e f g", "a b c d e"]
     assert all(r["completion"].endswith(prompt.answer_sentence("7")) for r in out)
     assert [r["ratio"] for r in out] == [1.0, 0.7, 0.5]
+
+
+def test_solo_trains_one_adapter_per_gamma_on_its_rows_only(tiny_llama, tmp_path, monkeypatch):
+    seen = []
+    real_train = gamma_sweep.train
+
+    def spy(path, tok, rows, v, a, device):
+        seen.append(sorted({r["ratio"] for r in rows}))
+        return real_train(path, tok, rows, v, a, device)
+
+    monkeypatch.setattr(gamma_sweep, "train", spy)
+    out = tmp_path / "solo.json"
+    args = ["--sft", _sft(tmp_path / "train.parquet"), "--model", tiny_llama, "--device", "cpu"]
+    args += ["--variants", "solo", "--eval-n", "2", "--max-new-tokens", "4", "--probe-n", "1", "--batch", "4"]
+    assert gamma_sweep.main([*args, "--json", str(out)]) == 0
+    assert seen == [[1.0], [0.7], [0.5]]  # three adapters, each on one γ's rows
+    solo = json.loads(out.read_text())["variants"]["solo"]
+    assert solo["config"]["per_gamma"] is True and solo["probe"] is None
+    assert set(solo["train"]["per_gamma"]) == {"1.0", "0.7", "0.5"}
+    assert all(t["rows"] == 3 and t["steps"] == 1 for t in solo["train"]["per_gamma"].values())
+    assert solo["train"]["rows"] == 9 and solo["train"]["steps"] == 3
+    assert set(solo["adherence"]) == {"1.0", "0.7", "0.5"} and solo["adherence"]["1.0"]["actual_ratio"] == 1.0
