@@ -21,6 +21,13 @@ The ``solo`` variants train one adapter per γ on that γ's rows only (the same 
 adapter sees for it) and ask each at its own γ: the adapter never has to read the value, so they
 show whether the model can produce γ × the tokens at all once the value is not its job.
 
+The ``ctr`` variants add a *prompt-contrast* term to the SFT loss (not in the paper): each row
+is also scored under the prompt of another trained γ, same target, and the term
+−log σ(log p(target | own γ) − log p(target | other γ)) (sequence log-likelihoods, mean over
+rows) is added with weight ``contrast``. The two prompts differ only in the marker, so the term
+has no minimum that ignores the value: it asks directly what SFT asks only through a few stop
+tokens per row.
+
 The training loop is the Ray Train worker's step without Ray (plain PyTorch + PEFT: AdamW,
 warm-up + cosine, clipping 1.0, length-grouped micro-batches, one device, global batch =
 ``--batch``), so a sweep runs where only torch, transformers and peft are installed (a GPU
@@ -51,7 +58,7 @@ MARKERS = {
     "words": "{sep}Compress the reasoning to {pct}% of its usual length.{sep}",
 }
 QUICKSTART = dict(
-    marker="eot", lr=1e-3, epochs=1.0, rank=8, group=True, sft=None, targets="pruned", per_gamma=False
+    marker="eot", lr=1e-3, epochs=1.0, rank=8, group=True, sft=None, targets="pruned", per_gamma=False, contrast=0.0
 )
 VARIANTS: dict[str, dict] = {
     "base": {},
@@ -72,6 +79,10 @@ VARIANTS: dict[str, dict] = {
     # one adapter per γ, each trained on that γ's rows only and asked at its own γ: no value to read
     "solo": {"per_gamma": True},
     "solo_ep3": {"per_gamma": True, "epochs": 3.0},
+    # a prompt-contrast term beside the SFT loss: each target must be likelier under its own γ's
+    # prompt than under another γ's (the only difference between the two), so the value is trained directly
+    "ctr": {"contrast": 1.0},
+    "trunc_ctr": {"targets": "truncated", "contrast": 1.0},
 }
 
 
@@ -109,6 +120,34 @@ def truncated_rows(tok, rows: list[dict]) -> list[dict]:
     return out
 
 
+def contrast_twins(rows: list[dict], seed: int) -> list[float]:
+    """For each row, another γ of the set (drawn per row, reproducibly) whose prompt it is contrasted with."""
+    ratios = sorted({r["ratio"] for r in rows})
+    if len(ratios) < 2:
+        raise ValueError("contrast needs rows at two or more γ")
+    rng = random.Random(seed)
+    return [rng.choice([g for g in ratios if g != r["ratio"]]) for r in rows]
+
+
+def sft_and_contrast_loss(logits, labels, n: int, weight: float):
+    """``logits`` / ``labels`` of 2n rows: n rows under their own γ's prompt, then the same targets
+    under the twin γ's. Returns (total, SFT loss of the first n, per-row terms): the SFT loss is
+    the usual token-mean cross-entropy; a row's term is −log σ(Δ), Δ = sequence log p under the
+    own prompt − under the twin's, and the total adds ``weight`` × their mean."""
+    import torch
+    import torch.nn.functional as F
+
+    lab = labels[:, 1:]
+    nll = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)).float(), lab.reshape(-1), ignore_index=-100, reduction="none"
+    ).view(lab.shape)
+    mask = (lab != -100).to(nll.dtype)
+    sft = (nll[:n] * mask[:n]).sum() / mask[:n].sum().clamp(min=1)
+    seq = -(nll * mask).sum(1)
+    terms = -F.logsigmoid(seq[:n] - seq[n:]) if weight else torch.zeros(n, device=logits.device)
+    return sft + weight * terms.mean(), sft, terms
+
+
 def train(model_path: str, tok, rows: list[dict], v: dict, a, device: str) -> tuple[object, dict]:
     import torch
     from peft import get_peft_model
@@ -121,11 +160,17 @@ def train(model_path: str, tok, rows: list[dict], v: dict, a, device: str) -> tu
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
     model = get_peft_model(model, build_lora_config(v["rank"], 2 * v["rank"], 0.0))
     marker = MARKERS[v["marker"]]
-    exs = [
-        tokenize_pair(tok, prompt.user_content(r["question"], r["ratio"], marker=marker), r["completion"], a.cutoff)
-        for r in rows
-    ]
-    exs = [e for e in exs if e is not None]
+    twins = contrast_twins(rows, a.seed) if v["contrast"] else [None] * len(rows)
+
+    def enc(r: dict, g: float | None):
+        if g is None:
+            return None
+        return tokenize_pair(tok, prompt.user_content(r["question"], g, marker=marker), r["completion"], a.cutoff)
+
+    pairs = [(enc(r, r["ratio"]), enc(r, g), r, g) for r, g in zip(rows, twins)]
+    pairs = [p for p in pairs if p[0] is not None and (p[1] is not None or not v["contrast"])]
+    exs = [p[0] for p in pairs]
+    kept, pair_twins = [p[2] for p in pairs], [p[3] for p in pairs]
     lengths = [len(e["input_ids"]) for e in exs]
     per_epoch = math.ceil(len(exs) / a.batch)
     total = max(1, round(per_epoch * v["epochs"]))
@@ -134,7 +179,7 @@ def train(model_path: str, tok, rows: list[dict], v: dict, a, device: str) -> tu
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     collate = Collator(pad)
     model.train()
-    step, real, processed, losses = 0, 0, 0, []
+    step, real, processed, losses, terms, value_terms, marker_terms = 0, 0, 0, [], [], [], []
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     sync()
     t0 = time.perf_counter()
@@ -148,16 +193,27 @@ def train(model_path: str, tok, rows: list[dict], v: dict, a, device: str) -> tu
         for i in range(0, len(order), a.batch):
             if step >= total:
                 break
-            batch = collate([exs[j] for j in order[i : i + a.batch]])
-            batch = {k: t.to(device) for k, t in batch.items()}
+            idx = order[i : i + a.batch]
+            if v["contrast"]:
+                full = collate([exs[j] for j in idx] + [pairs[j][1] for j in idx])
+                batch = {k: t.to(device) for k, t in full.items()}  # own prompts, then the twins': both processed
+            else:
+                batch = {k: t.to(device) for k, t in collate([exs[j] for j in idx]).items()}
             for g in opt.param_groups:
                 g["lr"] = v["lr"] * lr_factor(step, total, 0.05, "cosine")
-            loss = model(**batch).loss
+            if v["contrast"]:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss, sft, row_terms = sft_and_contrast_loss(logits, batch["labels"], len(idx), v["contrast"])
+                terms.append(float(row_terms.mean().detach()))
+                for j, t in zip(idx, row_terms.tolist()):  # both prompts marked: only the value tells them apart
+                    (value_terms if max(kept[j]["ratio"], pair_twins[j]) < 1.0 else marker_terms).append(t)
+            else:
+                loss = sft = model(**batch).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
+            losses.append(float(sft.detach()))  # the SFT loss alone, comparable across variants
             real += int(batch["attention_mask"].sum())
             processed += batch["attention_mask"].numel()
             step += 1
@@ -174,6 +230,13 @@ def train(model_path: str, tok, rows: list[dict], v: dict, a, device: str) -> tu
         "real_share": round(real / processed, 4),
         "loss_first": round(statistics.mean(losses[:5]), 4),
         "loss_last": round(statistics.mean(losses[-5:]), 4),
+        **({"contrast_first": round(statistics.mean(terms[:5]), 4)} if terms else {}),
+        **({"contrast_last": round(statistics.mean(terms[-5:]), 4)} if terms else {}),
+        # the term over the first / last 40 rows of each kind: γ vs γ' both marked (the value alone), or one unmarked
+        **({"contrast_value_first": round(statistics.mean(value_terms[:40]), 4)} if value_terms else {}),
+        **({"contrast_value_last": round(statistics.mean(value_terms[-40:]), 4)} if value_terms else {}),
+        **({"contrast_marker_first": round(statistics.mean(marker_terms[:40]), 4)} if marker_terms else {}),
+        **({"contrast_marker_last": round(statistics.mean(marker_terms[-40:]), 4)} if marker_terms else {}),
     }
 
 

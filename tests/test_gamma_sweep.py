@@ -6,6 +6,7 @@ import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from benchmarks import gamma_sweep
 from tokenskip import prompt
@@ -127,3 +128,51 @@ def test_solo_trains_one_adapter_per_gamma_on_its_rows_only(tiny_llama, tmp_path
     assert all(t["rows"] == 3 and t["steps"] == 1 for t in solo["train"]["per_gamma"].values())
     assert solo["train"]["rows"] == 9 and solo["train"]["steps"] == 3
     assert set(solo["adherence"]) == {"1.0", "0.7", "0.5"} and solo["adherence"]["1.0"]["actual_ratio"] == 1.0
+
+
+def test_contrast_term_rewards_the_own_prompt_and_leaves_the_sft_loss_alone():
+    import math
+
+    import torch
+
+    # 2 rows under their own prompt, then the same 2 targets under the twin's; vocab 3, one target token each
+    labels = torch.tensor([[-100, 1], [-100, 2], [-100, 1], [-100, 2]])
+    logits = torch.zeros(4, 2, 3)
+    logits[0, 0, 1] = logits[1, 0, 2] = 4.0  # own prompts put mass on the target
+    total, sft, terms = gamma_sweep.sft_and_contrast_loss(logits, labels, 2, weight=0.5)
+    assert terms.shape == (2,) and terms[0].item() == pytest.approx(terms[1].item())
+    term = terms.mean()
+    own = -math.log(math.exp(4) / (math.exp(4) + 2))
+    assert sft.item() == pytest.approx(own, rel=1e-5)  # the twin half is not in the SFT loss
+    delta = math.log(3) - own  # seq log p own - twin (uniform: -log 3)
+    assert term.item() == pytest.approx(math.log1p(math.exp(-delta)), rel=1e-5)
+    assert total.item() == pytest.approx(own + 0.5 * term.item(), rel=1e-5)
+    _, _, flipped = gamma_sweep.sft_and_contrast_loss(torch.cat([logits[2:], logits[:2]]), labels, 2, 0.5)
+    assert flipped.mean().item() > math.log(2) > term.item()  # the twin prompt preferred -> the term grows
+
+
+def test_contrast_twins_are_another_gamma_and_reproducible():
+    rows = [{"ratio": g} for g in (1.0, 0.7, 0.5) * 20]
+    twins = gamma_sweep.contrast_twins(rows, seed=3)
+    assert twins == gamma_sweep.contrast_twins(rows, seed=3)
+    assert all(t != r["ratio"] and t in (1.0, 0.7, 0.5) for r, t in zip(rows, twins))
+    assert {t for r, t in zip(rows, twins) if r["ratio"] == 0.7} == {1.0, 0.5}
+    with pytest.raises(ValueError, match="two or more"):
+        gamma_sweep.contrast_twins([{"ratio": 0.5}], seed=0)
+
+
+def test_contrast_variant_trains_with_the_term_and_reports_it(tiny_llama, tmp_path):
+    out = tmp_path / "ctr.json"
+    args = ["--sft", _sft(tmp_path / "train.parquet"), "--model", tiny_llama, "--device", "cpu"]
+    args += ["--variants", "ctr", "--eval-n", "2", "--max-new-tokens", "4", "--probe-n", "0", "--batch", "4"]
+    assert gamma_sweep.main([*args, "--json", str(out)]) == 0
+    ctr = json.loads(out.read_text())["variants"]["ctr"]
+    assert ctr["config"]["contrast"] == 1.0
+    assert ctr["train"]["rows"] == 9 and ctr["train"]["steps"] == 3
+    tr = ctr["train"]
+    assert tr["contrast_first"] > 0 and tr["contrast_last"] > 0
+    # 9 rows: the 0.7 and 0.5 rows whose twin is the other marked γ (the value alone), the rest with 1.0 on one side
+    twins = gamma_sweep.contrast_twins(gamma_sweep.load_rows(str(tmp_path / "train.parquet")), 42)
+    assert 0 < sum(t < 1.0 for t in twins[1::3] + twins[2::3]) < 6  # both kinds occur with seed 42
+    assert tr["contrast_value_first"] > 0 and tr["contrast_marker_first"] > 0
+    assert set(ctr["adherence"]) == {"1.0", "0.7", "0.5"}
