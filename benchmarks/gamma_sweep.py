@@ -82,6 +82,7 @@ VARIANTS: dict[str, dict] = {
     # a prompt-contrast term beside the SFT loss: each target must be likelier under its own γ's
     # prompt than under another γ's (the only difference between the two), so the value is trained directly
     "ctr": {"contrast": 1.0},
+    "ctr_w5": {"contrast": 5.0},
     "trunc_ctr": {"targets": "truncated", "contrast": 1.0},
 }
 
