@@ -135,7 +135,6 @@ def sft_and_contrast_loss(logits, labels, n: int, weight: float):
     under the twin γ's. Returns (total, SFT loss of the first n, per-row terms): the SFT loss is
     the usual token-mean cross-entropy; a row's term is −log σ(Δ), Δ = sequence log p under the
     own prompt − under the twin's, and the total adds ``weight`` × their mean."""
-    import torch
     import torch.nn.functional as F
 
     lab = labels[:, 1:]
@@ -145,7 +144,7 @@ def sft_and_contrast_loss(logits, labels, n: int, weight: float):
     mask = (lab != -100).to(nll.dtype)
     sft = (nll[:n] * mask[:n]).sum() / mask[:n].sum().clamp(min=1)
     seq = -(nll * mask).sum(1)
-    terms = -F.logsigmoid(seq[:n] - seq[n:]) if weight else torch.zeros(n, device=logits.device)
+    terms = -F.logsigmoid(seq[:n] - seq[n:])
     return sft + weight * terms.mean(), sft, terms
 
 
@@ -168,10 +167,13 @@ def train(model_path: str, tok, rows: list[dict], v: dict, a, device: str) -> tu
             return None
         return tokenize_pair(tok, prompt.user_content(r["question"], g, marker=marker), r["completion"], a.cutoff)
 
-    pairs = [(enc(r, r["ratio"]), enc(r, g), r, g) for r, g in zip(rows, twins)]
+    # (own example, twin example, kind): "value" when both prompts are marked, so only the value tells them apart
+    pairs = [
+        (enc(r, r["ratio"]), enc(r, g), "value" if max(r["ratio"], g or 1.0) < 1.0 else "marker")
+        for r, g in zip(rows, twins)
+    ]
     pairs = [p for p in pairs if p[0] is not None and (p[1] is not None or not v["contrast"])]
     exs = [p[0] for p in pairs]
-    kept, pair_twins = [p[2] for p in pairs], [p[3] for p in pairs]
     lengths = [len(e["input_ids"]) for e in exs]
     per_epoch = math.ceil(len(exs) / a.batch)
     total = max(1, round(per_epoch * v["epochs"]))
@@ -180,7 +182,8 @@ def train(model_path: str, tok, rows: list[dict], v: dict, a, device: str) -> tu
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     collate = Collator(pad)
     model.train()
-    step, real, processed, losses, terms, value_terms, marker_terms = 0, 0, 0, [], [], [], []
+    step, real, processed, losses, terms = 0, 0, 0, [], []
+    kind_terms: dict[str, list[float]] = {"value": [], "marker": []}
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     sync()
     t0 = time.perf_counter()
@@ -195,19 +198,16 @@ def train(model_path: str, tok, rows: list[dict], v: dict, a, device: str) -> tu
             if step >= total:
                 break
             idx = order[i : i + a.batch]
-            if v["contrast"]:
-                full = collate([exs[j] for j in idx] + [pairs[j][1] for j in idx])
-                batch = {k: t.to(device) for k, t in full.items()}  # own prompts, then the twins': both processed
-            else:
-                batch = {k: t.to(device) for k, t in collate([exs[j] for j in idx]).items()}
+            twins_in = [pairs[j][1] for j in idx] if v["contrast"] else []  # processed after the own prompts
+            batch = {k: t.to(device) for k, t in collate([exs[j] for j in idx] + twins_in).items()}
             for g in opt.param_groups:
                 g["lr"] = v["lr"] * lr_factor(step, total, 0.05, "cosine")
             if v["contrast"]:
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 loss, sft, row_terms = sft_and_contrast_loss(logits, batch["labels"], len(idx), v["contrast"])
                 terms.append(float(row_terms.mean().detach()))
-                for j, t in zip(idx, row_terms.tolist()):  # both prompts marked: only the value tells them apart
-                    (value_terms if max(kept[j]["ratio"], pair_twins[j]) < 1.0 else marker_terms).append(t)
+                for j, t in zip(idx, row_terms.tolist()):
+                    kind_terms[pairs[j][2]].append(t)
             else:
                 loss = sft = model(**batch).loss
             loss.backward()
@@ -222,7 +222,7 @@ def train(model_path: str, tok, rows: list[dict], v: dict, a, device: str) -> tu
     sync()
     dt = time.perf_counter() - t0
     model = model.merge_and_unload().eval()  # generation and the probe on the merged weights (faster)
-    return model, {
+    stats = {
         "rows": len(exs),
         "steps": step,
         "seconds": round(dt, 2),
@@ -231,14 +231,14 @@ def train(model_path: str, tok, rows: list[dict], v: dict, a, device: str) -> tu
         "real_share": round(real / processed, 4),
         "loss_first": round(statistics.mean(losses[:5]), 4),
         "loss_last": round(statistics.mean(losses[-5:]), 4),
-        **({"contrast_first": round(statistics.mean(terms[:5]), 4)} if terms else {}),
-        **({"contrast_last": round(statistics.mean(terms[-5:]), 4)} if terms else {}),
-        # the term over the first / last 40 rows of each kind: γ vs γ' both marked (the value alone), or one unmarked
-        **({"contrast_value_first": round(statistics.mean(value_terms[:40]), 4)} if value_terms else {}),
-        **({"contrast_value_last": round(statistics.mean(value_terms[-40:]), 4)} if value_terms else {}),
-        **({"contrast_marker_first": round(statistics.mean(marker_terms[:40]), 4)} if marker_terms else {}),
-        **({"contrast_marker_last": round(statistics.mean(marker_terms[-40:]), 4)} if marker_terms else {}),
     }
+    # the term per step (mean of its rows) over the first / last 5 steps, and by kind of pair over the
+    # first / last 40 rows of each: both prompts marked (the value alone), or one unmarked (the marker's presence)
+    for key, vals, n in (("contrast", terms, 5), *((f"contrast_{k}", ts, 40) for k, ts in kind_terms.items())):
+        if vals:
+            stats[f"{key}_first"] = round(statistics.mean(vals[:n]), 4)
+            stats[f"{key}_last"] = round(statistics.mean(vals[-n:]), 4)
+    return model, stats
 
 
 def generate(
