@@ -303,6 +303,26 @@ def test_plots_write_valid_pngs(tmp_path):
             assert im.format == "PNG" and im.size[0] > 2 * im.size[1]  # one panel per dataset, side by side
 
 
+def test_adherence_plot_marks_flagged_points_with_codes_and_a_key(tmp_path, monkeypatch):
+    from tokenskip import plots
+
+    figs = []
+    monkeypatch.setattr(plots.plt, "close", figs.append)  # keep the figure to read its texts
+    res = _fake_results()
+    rows = res["datasets"]["gsm8k"]["conditions"]  # both panels share these rows
+    half = next(r for r in rows if r["id"] == "tokenskip-0.5")
+    half.update(runaway_share=0.3, actual_ratio_ci=[0.3, 0.9])  # a runaway-dominated, noisy ratio
+    ev.attach_actual_ratios(rows)
+    flagged = [r for r in rows if r.get("flags")]
+    assert [r["id"] for r in flagged] == ["tokenskip-0.5"] and half["flags"] == ["runaways", "noisy"]
+    plots.ratio_adherence(res, tmp_path / "r.png")
+    (fig,) = figs
+    notes = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert notes == ["⚠RN", "⚠RN"]  # one note per flagged point, in each of the two panels
+    key = " ".join(t.get_text() for t in fig.texts)
+    assert "R:" in key and "runaways" in key and "N:" in key and f"{ev.NOISY_CI_WIDTH}" in key
+
+
 # --------------------------------------------------------------------------- budget forcing and hard budgets (#16)
 
 

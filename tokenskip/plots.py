@@ -19,6 +19,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from tokenskip.evaluation import NOISY_CI_WIDTH, RUNAWAY_FLAG  # noqa: E402
+
 _STYLE = {
     "original": ("black", "*"),
     "tokenskip": ("tab:blue", "o"),
@@ -27,6 +29,12 @@ _STYLE = {
     "budget_forcing": ("tab:purple", "^"),
 }
 _PER_GAMMA = ("tokenskip", "truncation", "budget_forcing")  # one line per method, a point per γ
+# evaluation.add_ratios' flags, as the adherence plot writes them beside a point
+_FLAG_CODES = {"runaways": "R", "noisy": "N"}
+_FLAG_KEY = (
+    f"⚠ R: the row or its reference has ≥ {RUNAWAY_FLAG:.0%} runaways (a mean dominated by capped outputs)   "
+    f"N: 95 % CI wider than {NOISY_CI_WIDTH}"
+)
 
 
 def _panels(n: int):
@@ -120,7 +128,7 @@ def ratio_adherence(results: dict, path: str | os.PathLike) -> str:
     fig, axes = _panels(len(datasets))
     for ax, (name, ds) in zip(axes, datasets.items()):
         ax.plot([0, 1.05], [0, 1.05], color="grey", linestyle=":", label="actual = requested")
-        for method in _PER_GAMMA:
+        for slot, method in enumerate(_PER_GAMMA):
             series = sorted(
                 (r for r in ds["conditions"] if r["method"] == method and r.get("actual_ratio") is not None),
                 key=lambda r: r["ratio"],
@@ -150,11 +158,11 @@ def ratio_adherence(results: dict, path: str | os.PathLike) -> str:
                 )
             for r in series:
                 if r.get("flags"):
-                    ax.annotate(
-                        "⚠ " + ",".join(r["flags"]),
+                    ax.annotate(  # short codes (key under the plot): neighbouring γ stay readable
+                        "⚠" + "".join(_FLAG_CODES.get(f, f) for f in r["flags"]),
                         (r["ratio"], r["actual_ratio"]),
                         textcoords="offset points",
-                        xytext=(4, -10),
+                        xytext=(4, -10 - 8 * slot),  # a line per method: series meeting at a point stay apart
                         fontsize=7,
                         color=color,
                     )
@@ -165,7 +173,8 @@ def ratio_adherence(results: dict, path: str | os.PathLike) -> str:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"Ratio adherence: {_title(results)}", fontsize=10)
-    fig.tight_layout()
+    fig.text(0.5, 0.005, _FLAG_KEY, ha="center", va="bottom", fontsize=6.5, color="dimgrey")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return str(path)
