@@ -19,7 +19,8 @@ only thing that says where the CoT stops, and no pruning style hides it. If a mo
 
 The ``solo`` variants train one adapter per γ on that γ's rows only (the same rows the shared
 adapter sees for it) and ask each at its own γ: the adapter never has to read the value, so they
-show whether the model can produce γ × the tokens at all once the value is not its job.
+show whether the model can produce γ × the tokens at all once the value is not its job;
+``trunc_solo_ep3`` does both at once (per-γ adapters on truncated targets).
 
 The ``ctr`` variants add a *prompt-contrast* term to the SFT loss (not in the paper): each row
 is also scored under the prompt of another trained γ, same target, and the term
@@ -79,6 +80,8 @@ VARIANTS: dict[str, dict] = {
     # one adapter per γ, each trained on that γ's rows only and asked at its own γ: no value to read
     "solo": {"per_gamma": True},
     "solo_ep3": {"per_gamma": True, "epochs": 3.0},
+    # both controls at once: one adapter per γ on truncated targets - no value to read, no pruned style to loop
+    "trunc_solo_ep3": {"targets": "truncated", "per_gamma": True, "epochs": 3.0},
     # a prompt-contrast term beside the SFT loss: each target must be likelier under its own γ's
     # prompt than under another γ's (the only difference between the two), so the value is trained directly
     "ctr": {"contrast": 1.0},
