@@ -303,6 +303,12 @@ def scaled_budget(max_len: int, ratio: float) -> int:
 
 RUNAWAY_FLAG = 0.10  # a ratio whose row (or reference row) has this share of runaways or more is flagged
 NOISY_CI_WIDTH = 0.20  # a ratio whose 95 % bootstrap interval is wider than this is flagged
+# what each flag of attach_actual_ratios means, for the table's legend and the adherence plot's key
+FLAG_MEANINGS = {
+    "runaways": f"its row or its reference has ≥ {100 * RUNAWAY_FLAG:.0f} % runaways "
+    "(a few capped outputs dominate a mean)",
+    "noisy": f"its 95 % interval is wider than {NOISY_CI_WIDTH:.1f}",
+}
 
 
 def _median(vals: Sequence[float]) -> float | None:
@@ -687,9 +693,9 @@ def build_caption(
     flagged = [r for r in rows if r.get("flags")]
     if flagged:
         parts.append(
-            f"⚠ marks a ratio not to be read as a plain number: `runaways` = its row or its reference has "
-            f"≥ {100 * RUNAWAY_FLAG:.0f} % runaways (a few capped outputs dominate a mean), `noisy` = its 95 % "
-            f"interval is wider than {NOISY_CI_WIDTH:.1f}."
+            "⚠ marks a ratio not to be read as a plain number: "
+            + ", ".join(f"`{flag}` = {meaning}" for flag, meaning in FLAG_MEANINGS.items())
+            + "."
         )
     parts.append(
         f"Latency = mean wall time per sample at batch size 1 over the first {latency_samples} questions "

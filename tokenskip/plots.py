@@ -19,7 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from tokenskip.evaluation import NOISY_CI_WIDTH, RUNAWAY_FLAG  # noqa: E402
+from tokenskip.evaluation import FLAG_MEANINGS  # noqa: E402
 
 _STYLE = {
     "original": ("black", "*"),
@@ -29,12 +29,9 @@ _STYLE = {
     "budget_forcing": ("tab:purple", "^"),
 }
 _PER_GAMMA = ("tokenskip", "truncation", "budget_forcing")  # one line per method, a point per γ
-# evaluation.add_ratios' flags, as the adherence plot writes them beside a point
+# evaluation.attach_actual_ratios' flags, as the adherence plot writes them beside a point (key under the plot)
 _FLAG_CODES = {"runaways": "R", "noisy": "N"}
-_FLAG_KEY = (
-    f"⚠ R: the row or its reference has ≥ {RUNAWAY_FLAG:.0%} runaways (a mean dominated by capped outputs)   "
-    f"N: 95 % CI wider than {NOISY_CI_WIDTH}"
-)
+_FLAG_KEY = "⚠ " + "   ".join(f"{_FLAG_CODES[flag]}: {meaning}" for flag, meaning in FLAG_MEANINGS.items())
 
 
 def _panels(n: int):
@@ -173,7 +170,7 @@ def ratio_adherence(results: dict, path: str | os.PathLike) -> str:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"Ratio adherence: {_title(results)}", fontsize=10)
-    fig.text(0.5, 0.005, _FLAG_KEY, ha="center", va="bottom", fontsize=6.5, color="dimgrey")
+    fig.text(0.5, 0.005, _FLAG_KEY, ha="center", va="bottom", fontsize=6, color="dimgrey")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
