@@ -29,6 +29,11 @@ rows) is added with weight ``contrast``. The two prompts differ only in the mark
 has no minimum that ignores the value: it asks directly what SFT asks only through a few stop
 tokens per row.
 
+The ``full`` variants train every weight of the model (no LoRA, lr 1e-4): whether the adapter's
+capacity is what keeps the value from being read. ``--eval-on train`` asks the SFT set's own
+questions instead of test ones: whether the value was learned where it was taught, before asking
+whether it generalises.
+
 The training loop is the Ray Train worker's step without Ray (plain PyTorch + PEFT: AdamW,
 warm-up + cosine, clipping 1.0, length-grouped micro-batches, one device, global batch =
 ``--batch``), so a sweep runs where only torch, transformers and peft are installed (a GPU
@@ -59,7 +64,16 @@ MARKERS = {
     "words": "{sep}Compress the reasoning to {pct}% of its usual length.{sep}",
 }
 QUICKSTART = dict(
-    marker="eot", lr=1e-3, epochs=1.0, rank=8, group=True, sft=None, targets="pruned", per_gamma=False, contrast=0.0
+    marker="eot",
+    lr=1e-3,
+    epochs=1.0,
+    rank=8,
+    group=True,
+    sft=None,
+    targets="pruned",
+    per_gamma=False,
+    contrast=0.0,
+    full=False,
 )
 VARIANTS: dict[str, dict] = {
     "base": {},
@@ -87,6 +101,9 @@ VARIANTS: dict[str, dict] = {
     "ctr": {"contrast": 1.0},
     "ctr_w5": {"contrast": 5.0},
     "trunc_ctr": {"targets": "truncated", "contrast": 1.0},
+    # every weight trained (no LoRA): is the adapter's capacity what keeps the value from being read?
+    "trunc_full_ep3": {"targets": "truncated", "full": True, "lr": 1e-4, "epochs": 3.0},
+    "full_ep3": {"full": True, "lr": 1e-4, "epochs": 3.0},
 }
 
 
@@ -161,7 +178,8 @@ def train(model_path: str, tok, rows: list[dict], v: dict, a, device: str) -> tu
 
     torch.manual_seed(a.seed)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
-    model = get_peft_model(model, build_lora_config(v["rank"], 2 * v["rank"], 0.0))
+    if not v["full"]:
+        model = get_peft_model(model, build_lora_config(v["rank"], 2 * v["rank"], 0.0))
     marker = MARKERS[v["marker"]]
     twins = contrast_twins(rows, a.seed) if v["contrast"] else [None] * len(rows)
 
@@ -224,7 +242,9 @@ def train(model_path: str, tok, rows: list[dict], v: dict, a, device: str) -> tu
         epoch += 1
     sync()
     dt = time.perf_counter() - t0
-    model = model.merge_and_unload().eval()  # generation and the probe on the merged weights (faster)
+    if not v["full"]:
+        model = model.merge_and_unload()  # generation and the probe on the merged weights (faster)
+    model.eval()
     stats = {
         "rows": len(exs),
         "steps": step,
@@ -369,6 +389,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--eval-n", type=int, default=30, help="GSM8K test questions (the first N)")
+    ap.add_argument(
+        "--eval-on",
+        choices=["test", "train"],
+        default="test",
+        help="test: GSM8K test questions; train: the SFT set's own questions (was the value learned where taught?)",
+    )
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--probe-n", type=int, default=24, help="held-out GSM8K train questions (from #2000); 0: no probe")
     ap.add_argument("--batch", type=int, default=8, help="global batch (rows per optimizer step)")
@@ -396,13 +422,20 @@ def main(argv: list[str] | None = None) -> int:
     if a.adherence_sft:
         data["adherence"] = load_rows(a.adherence_sft)
     ratios = sorted({r["ratio"] for r in data["quickstart"]}, reverse=True)
-    questions = load_questions("gsm8k", "test", limit=a.eval_n).rows
+    if a.eval_on == "train":
+        seen: dict = {}
+        for r in data["quickstart"]:
+            seen.setdefault(r["question"], {"id": r["id"], "question": r["question"], "gold": r["gold"]})
+        questions = list(seen.values())[: a.eval_n]
+    else:
+        questions = load_questions("gsm8k", "test", limit=a.eval_n).rows
     res: dict = {
         "device": device,
         "torch": torch.__version__,
         "model": a.model,
         "ratios": ratios,
         "eval_n": len(questions),
+        "eval_on": a.eval_on,
         "max_new_tokens": a.max_new_tokens,
         "batch": a.batch,
         "markers": {k: v for k, v in MARKERS.items()},

@@ -176,3 +176,41 @@ def test_contrast_variant_trains_with_the_term_and_reports_it(tiny_llama, tmp_pa
     assert 0 < sum(t < 1.0 for t in twins[1::3] + twins[2::3]) < 6  # both kinds occur with seed 42
     assert tr["contrast_value_first"] > 0 and tr["contrast_marker_first"] > 0
     assert set(ctr["adherence"]) == {"1.0", "0.7", "0.5"}
+
+
+def test_full_variant_trains_every_weight_without_lora(tiny_llama, tmp_path):
+    import argparse
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    rows = gamma_sweep.load_rows(_sft(tmp_path / "train.parquet"))
+    a = argparse.Namespace(seed=42, batch=4, cutoff=128)
+    v = {**gamma_sweep.QUICKSTART, **gamma_sweep.VARIANTS["trunc_full_ep3"]}
+    model, stats = gamma_sweep.train(tiny_llama, tok, gamma_sweep.truncated_rows(tok, rows), v, a, "cpu")
+    before = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).state_dict()
+    after = model.state_dict()
+    assert set(after) == set(before)  # a plain model: no LoRA modules left, none merged in
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(changed) == len(before)  # every tensor moved, embeddings and norms included
+    assert stats["steps"] == 9  # 9 truncated rows, batch 4, 3 epochs
+
+
+def test_eval_on_train_asks_the_sft_sets_own_questions(tiny_llama, tmp_path, monkeypatch):
+    asked = []
+    real_outputs = gamma_sweep.outputs
+
+    def spy(model, tok, questions, ratios, marker, a, device):
+        asked.append([q["question"] for q in questions])
+        return real_outputs(model, tok, questions, ratios, marker, a, device)
+
+    monkeypatch.setattr(gamma_sweep, "outputs", spy)
+    out = tmp_path / "train_eval.json"
+    args = ["--sft", _sft(tmp_path / "train.parquet"), "--model", tiny_llama, "--device", "cpu"]
+    args += ["--variants", "base", "--eval-on", "train", "--eval-n", "2", "--max-new-tokens", "4"]
+    assert gamma_sweep.main([*args, "--probe-n", "0", "--batch", "4", "--json", str(out)]) == 0
+    # the first two distinct questions of the SFT set, once each (every γ is asked of the same two)
+    assert asked == [[f"Ann has {i} apples and gets 2. How many?" for i in (0, 1)]]
+    res = json.loads(out.read_text())
+    assert res["eval_on"] == "train" and res["eval_n"] == 2
