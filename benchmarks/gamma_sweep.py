@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", nargs="+", default=["base"], choices=list(VARIANTS))
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--eval-n", type=int, default=30, help="GSM8K test questions (the first N)")
+    ap.add_argument("--eval-n", type=int, default=30, help="questions asked: the first N of --eval-on's set")
     ap.add_argument(
         "--eval-on",
         choices=["test", "train"],
