@@ -74,6 +74,7 @@ QUICKSTART = dict(
     per_gamma=False,
     contrast=0.0,
     full=False,
+    fork_weight=None,
 )
 VARIANTS: dict[str, dict] = {
     "base": {},
@@ -104,6 +105,13 @@ VARIANTS: dict[str, dict] = {
     # every weight trained (no LoRA): is the adapter's capacity what keeps the value from being read?
     "trunc_full_ep3": {"targets": "truncated", "full": True, "lr": 1e-4, "epochs": 3.0},
     "full_ep3": {"full": True, "lr": 1e-4, "epochs": 3.0},
+    # memorisation controls, for a handful of questions (--max-rows 24 --eval-on train): 20 passes over
+    # each (question, γ). Can the model give one question different outputs for two values of the digit at all?
+    "memo_trunc_full": {"targets": "truncated", "full": True, "lr": 1e-4, "epochs": 20.0},
+    "memo_full": {"full": True, "lr": 1e-4, "epochs": 20.0},
+    # ...and with the loss at the fork tokens (where a question's targets at two γ part ways, the only
+    # tokens the value decides under teacher forcing) weighted 20×: is the size of that loss what is missing?
+    "memo_trunc_full_fork20": {"targets": "truncated", "full": True, "lr": 1e-4, "epochs": 20.0, "fork_weight": 20.0},
 }
 
 
@@ -168,6 +176,61 @@ def sft_and_contrast_loss(logits, labels, n: int, weight: float):
     return sft + weight * terms.mean(), sft, terms
 
 
+def fork_positions(exs: list[dict | None], groups: list[object]) -> list[list[int]]:
+    """For each tokenised example, the positions (indices into its ``labels``) of its *fork* tokens:
+    the first target token where it differs from another example of the same group (the same
+    question at another γ), or where one target ends inside the other. Under teacher forcing these
+    are the only target tokens whose prediction needs the prompt's γ; after a fork the prefix
+    itself tells the targets apart.
+
+    >>> exs = [{"labels": [-100, 5, 6, 7]}, {"labels": [-100, -100, 5, 6, 9]}, {"labels": [-100, 5, 8]}]
+    >>> fork_positions(exs, ["q", "q", "q"])
+    [[2, 3], [3, 4], [2]]
+    >>> fork_positions(exs, ["a", "b", "c"])
+    [[], [], []]
+    """
+    starts, targets = [], []
+    for e in exs:
+        lab = e["labels"] if e else []
+        k = next((i for i, t in enumerate(lab) if t != -100), len(lab))
+        starts.append(k)
+        targets.append(lab[k:])
+    out = []
+    for i, (g, t) in enumerate(zip(groups, targets)):
+        forks = set()
+        for j, (h, u) in enumerate(zip(groups, targets)):
+            if j == i or h != g or t == u:
+                continue
+            k = next((n for n, (x, y) in enumerate(zip(t, u)) if x != y), min(len(t), len(u)))
+            if k < len(t):  # a target that is a prefix of the other's has no token of its own there
+                forks.add(starts[i] + k)
+        out.append(sorted(forks))
+    return out
+
+
+def token_nll(logits, labels):
+    """Per-token NLL of ``labels`` (shifted as the model's own loss) and the mask of counted tokens."""
+    import torch.nn.functional as F
+
+    lab = labels[:, 1:]
+    nll = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)).float(), lab.reshape(-1), ignore_index=-100, reduction="none"
+    ).view(lab.shape)
+    return nll, (lab != -100).to(nll.dtype)
+
+
+def weighted_loss(nll, mask, weights):
+    """Token-mean loss with per-token weights (``weights`` aligned with the unshifted labels); the
+    denominator stays the token count, so weight 1 everywhere is the usual SFT loss."""
+    return (nll * weights[:, 1:].to(nll.dtype) * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_mean(nll, mask, where) -> float | None:
+    """Mean NLL over the tokens flagged in ``where`` (aligned with the unshifted labels), or None."""
+    m = where[:, 1:].to(nll.dtype) * mask
+    return float((nll * m).sum() / m.sum()) if float(m.sum()) > 0 else None
+
+
 def train(model_path: str, tok, rows: list[dict], v: dict, a, device: str) -> tuple[object, dict]:
     import torch
     from peft import get_peft_model
@@ -188,14 +251,29 @@ def train(model_path: str, tok, rows: list[dict], v: dict, a, device: str) -> tu
             return None
         return tokenize_pair(tok, prompt.user_content(r["question"], g, marker=marker), r["completion"], a.cutoff)
 
-    # (own example, twin example, kind): "value" when both prompts are marked, so only the value tells them apart
+    # (own example, twin example, kind, row): kind "value" when both prompts are marked, so only the value
+    # tells them apart
     pairs = [
-        (enc(r, r["ratio"]), enc(r, g), "value" if max(r["ratio"], g or 1.0) < 1.0 else "marker")
+        (enc(r, r["ratio"]), enc(r, g), "value" if max(r["ratio"], g or 1.0) < 1.0 else "marker", r)
         for r, g in zip(rows, twins)
     ]
     pairs = [p for p in pairs if p[0] is not None and (p[1] is not None or not v["contrast"])]
     exs = [p[0] for p in pairs]
     lengths = [len(e["input_ids"]) for e in exs]
+    if v["fork_weight"] is not None:
+        if v["contrast"]:
+            raise ValueError("fork_weight and contrast are separate experiments")
+        forks = fork_positions(exs, [p[3]["question"] for p in pairs])
+        # the forks between two marked targets: the tokens only the value of γ decides
+        value_forks = fork_positions(exs, [p[3]["question"] if p[3]["ratio"] < 1.0 else object() for p in pairs])
+        weights = [[1.0] * len(e["labels"]) for e in exs]
+        at_value = [[False] * len(e["labels"]) for e in exs]
+        for w, fs, vw, vfs in zip(weights, forks, at_value, value_forks):
+            for k in fs:
+                w[k] = v["fork_weight"]
+            for k in vfs:
+                vw[k] = True
+    fork_nll: dict[str, list[float]] = {"fork": [], "value_fork": []}
     per_epoch = math.ceil(len(exs) / a.batch)
     total = max(1, round(per_epoch * v["epochs"]))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -229,6 +307,18 @@ def train(model_path: str, tok, rows: list[dict], v: dict, a, device: str) -> tu
                 terms.append(float(row_terms.mean().detach()))
                 for j, t in zip(idx, row_terms.tolist()):
                     kind_terms[pairs[j][2]].append(t)
+            elif v["fork_weight"] is not None:
+                width = batch["labels"].size(1)
+                wb = torch.tensor([weights[j] + [1.0] * (width - len(weights[j])) for j in idx], device=device)
+                vb = torch.tensor([at_value[j] + [False] * (width - len(at_value[j])) for j in idx], device=device)
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                nll, mask = token_nll(logits, batch["labels"])
+                loss = weighted_loss(nll, mask, wb)
+                sft = (nll * mask).sum().detach() / mask.sum().clamp(min=1)
+                for key, where in (("fork", wb != 1), ("value_fork", vb)):
+                    at = masked_mean(nll.detach(), mask, where)
+                    if at is not None:
+                        fork_nll[key].append(at)
             else:
                 loss = sft = model(**batch).loss
             loss.backward()
@@ -255,6 +345,15 @@ def train(model_path: str, tok, rows: list[dict], v: dict, a, device: str) -> tu
         "loss_first": round(statistics.mean(losses[:5]), 4),
         "loss_last": round(statistics.mean(losses[-5:]), 4),
     }
+    if v["fork_weight"] is not None:
+        stats["fork_tokens"] = sum(len(f) for f in forks)
+        stats["value_fork_tokens"] = sum(len(f) for f in value_forks)
+        # the NLL at the fork tokens per step (the batch's mean), first / last 5 steps; at the value forks
+        # ln 2 ≈ 0.69 is a model that splits its bet between the two marked targets (the value not used)
+        for key, vals in fork_nll.items():
+            if vals:
+                stats[f"{key}_nll_first"] = round(statistics.mean(vals[:5]), 4)
+                stats[f"{key}_nll_last"] = round(statistics.mean(vals[-5:]), 4)
     # the term per step (mean of its rows) over the first / last 5 steps, and by kind of pair over the
     # first / last 40 rows of each: both prompts marked (the value alone), or one unmarked (the marker's presence)
     for key, vals, n in (("contrast", terms, 5), *((f"contrast_{k}", ts, 40) for k, ts in kind_terms.items())):
@@ -317,6 +416,7 @@ def outputs(model, tok, questions, ratios, marker, a, device) -> dict[float, lis
         per[g].append(
             {
                 "cot": len(tok(cot, add_special_tokens=False)["input_ids"]),
+                "cot_text": cot.strip(),
                 "out": len(ids),
                 "capped": capped,
                 "correct": ok,
@@ -342,6 +442,37 @@ def summarize(per: dict[float, list[dict]]) -> dict:
             "median_question_ratio": round(statistics.median(ratios_q), 3) if ratios_q else None,
             "adherence_error": None if actual is None else round(abs(actual - g), 3),
         }
+    return res
+
+
+def against_targets(per: dict[float, list[dict]], questions: list[dict], rows: list[dict], tok) -> dict:
+    """With ``--eval-on train``: each generated CoT beside the target it was trained on for the same
+    (question, γ), in model tokens; how many outputs reproduce that target exactly, and how many
+    reproduce the target of *another* γ of the same question instead (the value of γ ignored)."""
+    from tokenskip import prompt
+
+    target = {(r["question"], r["ratio"]): prompt.split_answer(r["completion"])[0].strip() for r in rows}
+    res = {}
+    for g, ss in per.items():
+        cells = []
+        for q, s in zip(questions, ss):
+            t = target.get((q["question"], g))
+            if t is not None:
+                n = len(tok(t, add_special_tokens=False)["input_ids"])
+                # the γs of this question whose target the output reproduces word for word
+                same = sorted(o for (qq, o), tt in target.items() if qq == q["question"] and tt == s["cot_text"])
+                cells.append(
+                    {"id": q["id"], "target_cot": n, "cot": s["cot"], "exact": s["cot_text"] == t, "reproduces": same}
+                )
+        if cells:
+            res[str(g)] = {
+                "questions": len(cells),
+                "exact_share": round(statistics.mean(c["exact"] for c in cells), 3),
+                "other_gamma_share": round(statistics.mean(not c["exact"] and bool(c["reproduces"]) for c in cells), 3),
+                "median_target_cot": statistics.median(c["target_cot"] for c in cells),
+                "median_cot": statistics.median(c["cot"] for c in cells),
+                "per_question": cells,
+            }
     return res
 
 
@@ -471,14 +602,18 @@ def main(argv: list[str] | None = None) -> int:
         if v["per_gamma"]:
             model = None
             tr, ad, gen_s = per_gamma(path, tok, rows, ratios, questions, v, a, device)
-            pr = None  # each adapter knows one γ: nothing to discriminate
+            pr = vs = None  # each adapter knows one γ: nothing to discriminate
         else:
             model, tr = train(path, tok, rows, v, a, device)
             t = time.perf_counter()
-            ad = adherence(model, tok, questions, ratios, MARKERS[v["marker"]], a, device)
+            per = outputs(model, tok, questions, ratios, MARKERS[v["marker"]], a, device)
+            ad = summarize(per)
             gen_s = time.perf_counter() - t
+            vs = against_targets(per, questions, rows, tok) if a.eval_on == "train" else None
             pr = probe(model, tok, pq, targets, ratios, MARKERS[v["marker"]]) if a.probe_n else None
         res["variants"][name] = {"config": v, "train": tr, "adherence": ad, "generate_s": round(gen_s, 1), "probe": pr}
+        if vs:
+            res["variants"][name]["against_targets"] = vs
         cells = " | ".join(
             f"γ{g}: cot {m['cot_mean']:.0f}/{m['cot_median']:.0f} x{m['actual_ratio']} run {m['runaway_share']:.2f}"
             f" acc {m['accuracy']:.2f}"
@@ -490,6 +625,13 @@ def main(argv: list[str] | None = None) -> int:
             f"(share {tr['real_share']:.2f}) loss {tr['loss_last']:.3f} | {cells}{disc}",
             flush=True,
         )
+        for g, m in (vs or {}).items():
+            print(
+                f"  γ{g} vs its targets: {m['exact_share']:.0%} exact, {m['other_gamma_share']:.0%} another γ's, "
+                f"median CoT {m['median_cot']} "
+                f"(target {m['median_target_cot']})",
+                flush=True,
+            )
         if a.json:
             Path(a.json).write_text(json.dumps(res, indent=1) + "\n")
         del model

@@ -108,6 +108,29 @@ def test_truncated_targets_cut_the_full_cot_at_gamma():
     assert [r["ratio"] for r in out] == [1.0, 0.7, 0.5]
 
 
+def test_against_targets_sets_each_output_beside_its_own_gammas_target():
+    rows = [
+        {"id": q, "gold": "7", "question": q, "ratio": g, "completion": prompt.build_target(c, "7")}
+        for q in ("Q1", "Q2")
+        for g, c in ((1.0, "a b c d"), (0.5, "a b"))
+    ]
+    questions = [{"id": q, "question": q, "gold": "7"} for q in ("Q1", "Q2")]
+    # Q1 at 0.5 reproduces its 0.5 target; Q2 at 0.5 writes its γ = 1 target instead
+    per = {
+        1.0: [{"cot": 4, "cot_text": "a b c d"}, {"cot": 4, "cot_text": "a b c d"}],
+        0.5: [{"cot": 2, "cot_text": "a b"}, {"cot": 4, "cot_text": "a b c d"}],
+    }
+    res = gamma_sweep.against_targets(per, questions, rows, _WordTok())
+    assert res["1.0"]["exact_share"] == 1.0
+    assert res["0.5"]["exact_share"] == 0.5
+    assert [c["target_cot"] for c in res["0.5"]["per_question"]] == [2, 2]
+    assert [c["cot"] for c in res["0.5"]["per_question"]] == [2, 4]
+    assert res["0.5"]["median_cot"] == 3 and res["0.5"]["median_target_cot"] == 2
+    # Q2's γ 0.5 output is its γ = 1 target word for word: the value ignored, not a new text
+    assert [c["reproduces"] for c in res["0.5"]["per_question"]] == [[0.5], [1.0]]
+    assert res["0.5"]["other_gamma_share"] == 0.5 and res["1.0"]["other_gamma_share"] == 0.0
+
+
 def test_solo_trains_one_adapter_per_gamma_on_its_rows_only(tiny_llama, tmp_path, monkeypatch):
     seen = []
     real_train = gamma_sweep.train
@@ -214,3 +237,56 @@ def test_eval_on_train_asks_the_sft_sets_own_questions(tiny_llama, tmp_path, mon
     assert asked == [[f"Ann has {i} apples and gets 2. How many?" for i in (0, 1)]]
     res = json.loads(out.read_text())
     assert res["eval_on"] == "train" and res["eval_n"] == 2
+    # each output set beside the target it was trained on, per γ
+    vs = res["variants"]["base"]["against_targets"]
+    assert sorted(vs) == ["0.5", "0.7", "1.0"] and all(m["questions"] == 2 for m in vs.values())
+
+
+def test_fork_positions_are_where_a_questions_targets_part_ways():
+    exs = [{"labels": [-100, 5, 6, 7]}, {"labels": [-100, -100, 5, 6, 9]}, {"labels": [-100, 5, 8]}]
+    # row 0 parts from row 2 at its 2nd target token (label index 2) and from row 1 at its 3rd (index 3)
+    assert gamma_sweep.fork_positions(exs, ["q", "q", "q"]) == [[2, 3], [3, 4], [2]]
+    assert gamma_sweep.fork_positions(exs, ["a", "b", "c"]) == [[], [], []]  # no other γ of the question
+    # a target that is a prefix of the other's has no fork of its own; the longer one forks where it goes on
+    assert gamma_sweep.fork_positions([{"labels": [1, 2]}, {"labels": [1, 2, 3]}], ["q", "q"]) == [[], [2]]
+    # identical targets at two γ: nothing the value decides
+    assert gamma_sweep.fork_positions([{"labels": [1, 2]}, {"labels": [1, 2]}], ["q", "q"]) == [[], []]
+
+
+def test_weighted_loss_is_the_sft_loss_at_unit_weight_and_scales_only_the_forks(tiny_llama):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8], [3, 4, 9, 10, 0, 0]])
+    labels = torch.tensor([[-100, -100, 5, 6, 7, 8], [-100, -100, 9, 10, -100, -100]])
+    att = ((labels != -100) | (torch.arange(6) < 2)).long()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=att).logits
+        ref = model(input_ids=ids, attention_mask=att, labels=labels).loss
+    nll, mask = gamma_sweep.token_nll(logits, labels)
+    plain = gamma_sweep.weighted_loss(nll, mask, torch.ones(2, 6))
+    w = torch.ones(2, 6)
+    w[0, 3] = 20.0
+    heavy = gamma_sweep.weighted_loss(nll, mask, w)
+    assert torch.allclose(plain, ref, atol=1e-5)
+    one = float(torch.nn.functional.cross_entropy(logits[0, 2], labels[0, 3]))  # the token at label index 3
+    assert gamma_sweep.masked_mean(nll, mask, w != 1) == pytest.approx(one, rel=1e-4)
+    assert gamma_sweep.masked_mean(nll, mask, torch.zeros(2, 6, dtype=torch.bool)) is None
+    n = int((labels[:, 1:] != -100).sum())
+    assert float(heavy - plain) == pytest.approx(19 * one / n, rel=1e-4)
+
+
+def test_fork_weight_variant_trains_and_reports_the_nll_at_the_forks(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setitem(gamma_sweep.VARIANTS, "fork_t", {"targets": "truncated", "fork_weight": 20.0})
+    out = tmp_path / "fork.json"
+    args = ["--sft", _sft(tmp_path / "train.parquet"), "--model", tiny_llama, "--device", "cpu"]
+    args += ["--variants", "fork_t", "--eval-n", "2", "--max-new-tokens", "4", "--probe-n", "0", "--batch", "4"]
+    assert gamma_sweep.main([*args, "--json", str(out)]) == 0
+    tr = json.loads(out.read_text())["variants"]["fork_t"]["train"]
+    # 3 questions x 3 γ, each row parting from its question's 2 others: at least one fork per row
+    assert tr["rows"] == 9 and tr["fork_tokens"] >= 9
+    # value forks: only between the 0.7 and 0.5 rows of a question (the γ = 1 rows have none)
+    assert 0 < tr["value_fork_tokens"] <= 6 and tr["value_fork_tokens"] < tr["fork_tokens"]
+    assert tr["fork_nll_first"] > 0 and tr["fork_nll_last"] > 0
+    assert tr["value_fork_nll_first"] > 0 and tr["value_fork_nll_last"] > 0
