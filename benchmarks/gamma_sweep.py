@@ -112,6 +112,10 @@ VARIANTS: dict[str, dict] = {
     # ...and with the loss at the fork tokens (where a question's targets at two γ part ways, the only
     # tokens the value decides under teacher forcing) weighted 20×: is the size of that loss what is missing?
     "memo_trunc_full_fork20": {"targets": "truncated", "full": True, "lr": 1e-4, "epochs": 20.0, "fork_weight": 20.0},
+    # the quickstart's recipe (LoRA, 1 epoch) with the fork tokens weighted 20x: does reading the value carry
+    # over to new questions? (needs each question at several γ, as in the `all` sampling)
+    "fork20": {"fork_weight": 20.0},
+    "trunc_fork20": {"targets": "truncated", "fork_weight": 20.0},
 }
 
 
