@@ -169,11 +169,7 @@ def sft_and_contrast_loss(logits, labels, n: int, weight: float):
     own prompt − under the twin's, and the total adds ``weight`` × their mean."""
     import torch.nn.functional as F
 
-    lab = labels[:, 1:]
-    nll = F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.size(-1)).float(), lab.reshape(-1), ignore_index=-100, reduction="none"
-    ).view(lab.shape)
-    mask = (lab != -100).to(nll.dtype)
+    nll, mask = token_nll(logits, labels)
     sft = (nll[:n] * mask[:n]).sum() / mask[:n].sum().clamp(min=1)
     seq = -(nll * mask).sum(1)
     terms = -F.logsigmoid(seq[:n] - seq[n:])
