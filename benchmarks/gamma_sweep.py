@@ -266,13 +266,8 @@ def train(model_path: str, tok, rows: list[dict], v: dict, a, device: str) -> tu
         forks = fork_positions(exs, [p[3]["question"] for p in pairs])
         # the forks between two marked targets: the tokens only the value of γ decides
         value_forks = fork_positions(exs, [p[3]["question"] if p[3]["ratio"] < 1.0 else object() for p in pairs])
-        weights = [[1.0] * len(e["labels"]) for e in exs]
-        at_value = [[False] * len(e["labels"]) for e in exs]
-        for w, fs, vw, vfs in zip(weights, forks, at_value, value_forks):
-            for k in fs:
-                w[k] = v["fork_weight"]
-            for k in vfs:
-                vw[k] = True
+        # per example, the positions flagged (fork, value fork); the weights are derived per batch
+        at_fork = [{"fork": set(f), "value_fork": set(vf)} for f, vf in zip(forks, value_forks)]
     fork_nll: dict[str, list[float]] = {"fork": [], "value_fork": []}
     per_epoch = math.ceil(len(exs) / a.batch)
     total = max(1, round(per_epoch * v["epochs"]))
@@ -308,14 +303,16 @@ def train(model_path: str, tok, rows: list[dict], v: dict, a, device: str) -> tu
                 for j, t in zip(idx, row_terms.tolist()):
                     kind_terms[pairs[j][2]].append(t)
             elif v["fork_weight"] is not None:
-                width = batch["labels"].size(1)
-                wb = torch.tensor([weights[j] + [1.0] * (width - len(weights[j])) for j in idx], device=device)
-                vb = torch.tensor([at_value[j] + [False] * (width - len(at_value[j])) for j in idx], device=device)
+                width = range(batch["labels"].size(1))
+                flags = {
+                    key: torch.tensor([[k in at_fork[j][key] for k in width] for j in idx], device=device)
+                    for key in fork_nll
+                }
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 nll, mask = token_nll(logits, batch["labels"])
-                loss = weighted_loss(nll, mask, wb)
+                loss = weighted_loss(nll, mask, 1.0 + (v["fork_weight"] - 1.0) * flags["fork"].float())
                 sft = (nll * mask).sum().detach() / mask.sum().clamp(min=1)
-                for key, where in (("fork", wb != 1), ("value_fork", vb)):
+                for key, where in flags.items():
                     at = masked_mean(nll.detach(), mask, where)
                     if at is not None:
                         fork_nll[key].append(at)
