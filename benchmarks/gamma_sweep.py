@@ -116,6 +116,8 @@ VARIANTS: dict[str, dict] = {
     # over to new questions? (needs each question at several γ, as in the `all` sampling)
     "fork20": {"fork_weight": 20.0},
     "trunc_fork20": {"targets": "truncated", "fork_weight": 20.0},
+    # fork20 ran away on two thirds of marked outputs: is it the size of the weight?
+    "fork5": {"fork_weight": 5.0},
 }
 
 
