@@ -118,6 +118,7 @@ VARIANTS: dict[str, dict] = {
     "trunc_fork20": {"targets": "truncated", "fork_weight": 20.0},
     # fork20 ran away on two thirds of marked outputs: is it the size of the weight?
     "fork5": {"fork_weight": 5.0},
+    "trunc_fork5": {"targets": "truncated", "fork_weight": 5.0},
 }
 
 
