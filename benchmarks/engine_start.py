@@ -4,11 +4,14 @@ each costs overall (start + decode) at the sizes the quickstart and the tests us
 Every configuration runs in its own subprocess (a fresh engine, as a stage or a test gets):
   compiled-cold   the default (Inductor compile), compile caches in an empty directory;
   compiled-warm   the default again, on the caches the cold run just filled;
-  eager           ``enforce_eager=True`` (no torch.compile at all), empty caches.
+  eager           ``enforce_eager=True`` (no torch.compile at all), empty caches;
+  eager-inproc    eager, with vLLM's engine core in the calling process
+                  (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: no EngineCore / Worker processes to spawn).
 Per configuration: engine start (``vllm.LLM(...)`` returning), then two workloads on the
 same engine, greedy, token-id prompts as evaluation sends them:
   quickstart      the quickstart's evaluation batch: 30 GSM8K test prompts, up to 256 tokens;
   tests           the tests' size: 3 prompts, up to 16 tokens.
+  batch           a stage-sized batch: 200 prompts, up to 256 tokens (decode throughput under load).
 It prints one table (seconds; decode throughput in generated tokens/s) and, per workload,
 start + decode of eager / compiled-warm and eager / compiled-cold side by side.
 
@@ -27,7 +30,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKLOADS = {"quickstart": (30, 256), "tests": (3, 16)}
+WORKLOADS = {"quickstart": (30, 256), "tests": (3, 16), "batch": (200, 256)}
 
 
 def child(model: str, eager: bool) -> dict:
@@ -52,8 +55,16 @@ def child(model: str, eager: bool) -> dict:
     return out
 
 
-def run_config(model: str, eager: bool, cache: Path) -> dict:
-    env = dict(os.environ)
+CONFIGS = {  # name: (eager, extra environment)
+    "compiled-cold": (False, {}),
+    "compiled-warm": (False, {}),
+    "eager": (True, {}),
+    "eager-inproc": (True, {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}),
+}
+
+
+def run_config(model: str, eager: bool, cache: Path, extra_env: dict | None = None) -> dict:
+    env = {**os.environ, **(extra_env or {})}
     env["VLLM_CACHE_ROOT"] = str(cache / "vllm")
     env["TORCHINDUCTOR_CACHE_DIR"] = str(cache / "inductor")
     cmd = [sys.executable, "-m", "benchmarks.engine_start", "--child", "--model", model]
@@ -73,6 +84,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
+                    help="which configurations to run (compiled-warm reuses compiled-cold's caches)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--eager", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -81,10 +94,10 @@ def main() -> None:
         return
     results = {}
     with tempfile.TemporaryDirectory(prefix="tokenskip-engine-start-") as tmp:
-        compiled, eager = Path(tmp) / "compiled", Path(tmp) / "eager"
-        results["compiled-cold"] = run_config(a.model, False, compiled)
-        results["compiled-warm"] = run_config(a.model, False, compiled)
-        results["eager"] = run_config(a.model, True, eager)
+        for name in a.configs:  # both compiled runs share one cache directory, each eager run has its own
+            eager, extra = CONFIGS[name]
+            cache = Path(tmp) / ("compiled" if name.startswith("compiled") else name)
+            results[name] = run_config(a.model, eager, cache, extra)
     print(f"vLLM-CPU engine start and decode, {a.model}, {os.cpu_count()} CPUs (seconds; tok/s = generated tokens/s)")
     head = "config | start | " + " | ".join(f"{w} decode | {w} tok/s | {w} start+decode" for w in WORKLOADS)
     print(head)
@@ -94,13 +107,12 @@ def main() -> None:
             x = r["workloads"][w]
             cells += [f"{x['decode_s']:.1f}", f"{x['tokens_per_s']:.1f}", f"{r['start_s'] + x['decode_s']:.1f}"]
         print(f"{name} | " + " | ".join(cells))
-    ratios = {}
+    ratios: dict[str, dict[str, float]] = {}
+    pairs = [("eager", "compiled-warm"), ("eager", "compiled-cold"), ("eager-inproc", "eager")]
     for w in WORKLOADS:
         tot = {k: r["start_s"] + r["workloads"][w]["decode_s"] for k, r in results.items()}
-        ratios[w] = {"eager/compiled-warm": tot["eager"] / tot["compiled-warm"],
-                     "eager/compiled-cold": tot["eager"] / tot["compiled-cold"]}
-        print(f"{w}: start+decode eager / compiled-warm = {ratios[w]['eager/compiled-warm']:.2f}, "
-              f"eager / compiled-cold = {ratios[w]['eager/compiled-cold']:.2f} (< 1: eager is faster)")
+        ratios[w] = {f"{x}/{y}": tot[x] / tot[y] for x, y in pairs if x in tot and y in tot}
+        print(f"{w}: start+decode " + ", ".join(f"{k} = {v:.2f}" for k, v in ratios[w].items()) + " (< 1: faster)")
     if a.json:
         Path(a.json).write_text(json.dumps({"model": a.model, "cpus": os.cpu_count(), "results": results,
                                             "ratios": ratios}, indent=1))

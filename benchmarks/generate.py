@@ -79,12 +79,15 @@ def bench_transformers(model: str, prompts: list[str], max_new_tokens: int) -> d
 def bench_bare_vllm(model: str, prompt_ids: list[list[int]], max_new_tokens: int, seed: int = 0) -> dict:
     """``vllm.LLM`` built by ``tokenskip.engine.build_llm`` from the engine kwargs the stage uses
     (``engine_kwargs_for(model, {}, seed)``: on CPU fp32, and eager for small local models),
-    given the same prompt token ids the stage gives its engine."""
+    given the same prompt token ids the stage gives its engine. Its engine core runs in a
+    process of its own, as the stage's async engine does (``build_llm`` would otherwise run a
+    small model's in this process: a different start, not what is compared here)."""
     from tokenskip import engine
 
-    kw = engine.engine_kwargs_for(model, {}, seed=seed)
+    mp = {"distributed_executor_backend": "mp"}
+    kw = engine.engine_kwargs_for(model, mp, seed=seed)
     t0 = time.perf_counter()
-    llm = engine.build_llm(model, {}, seed=seed)
+    llm = engine.build_llm(model, mp, seed=seed)
     start = time.perf_counter() - t0
     t1 = time.perf_counter()
     outs = engine.generate(
@@ -92,9 +95,7 @@ def bench_bare_vllm(model: str, prompt_ids: list[list[int]], max_new_tokens: int
     )
     dt = time.perf_counter() - t1
     tokens = sum(o.output_tokens for o in outs)
-    shutdown = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-    if shutdown is not None and hasattr(shutdown, "shutdown"):
-        shutdown.shutdown()  # its engine-core process would otherwise linger while (b) runs
+    engine.close_llm(llm)  # its engine-core process would otherwise linger while (b) runs
     del llm
     import gc
 

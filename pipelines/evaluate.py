@@ -645,10 +645,9 @@ class _Engines:
         if self.llm is not None:
             import gc
 
-            try:
-                self.llm.llm_engine.engine_core.shutdown()
-            except Exception:  # older/newer vLLM: dropping the object shuts it down
-                pass
+            from tokenskip.engine import close_llm
+
+            close_llm(self.llm)
             self.llm = None
             gc.collect()
 

@@ -80,6 +80,22 @@ def _kill_leftovers(sid: int, marker: str) -> list[int]:
     return left
 
 
+def _assert_console_is_short(console: list[str], log: Path, took: float) -> None:
+    """The generate stage (a vLLM engine in a Ray Data actor) in a subprocess without a TTY: stage
+    lines and a heartbeat on the console, the engine's and Ray Data's output in the stage's log."""
+    text = log.read_text()
+    print(f"console lines: {len(console)}; generate.log lines: {len(text.splitlines())}")
+    # a heartbeat line every 5 s while the engine starts, and a few lines more
+    ticks = [ln for ln in console if ln.startswith("generate: ") and ln.endswith("elapsed")]
+    assert len(ticks) <= took / 5 + 1, "\n".join(console)
+    assert len(console) - len(ticks) <= 12, "\n".join(console)
+    assert any(str(log) in ln for ln in console)
+    assert any(ln.startswith("[1/1] generate done in") or ln.startswith("generate done in") for ln in console), console
+    assert "vLLM" in text or "vllm" in text  # the engine's own output is in the file...
+    assert not any("vllm" in ln.lower() and "INFO" in ln for ln in console)  # ...not on the console
+    assert not any("Queued blocks" in ln or "Tasks:" in ln for ln in console)  # no Ray Data operator tables
+
+
 @pytest.mark.integration
 def test_kill_mid_generation_then_resume(tmp_path, tiny_llama, ray_local):
     src = tmp_path / "q.jsonl"
@@ -156,12 +172,17 @@ def test_kill_mid_generation_then_resume(tmp_path, tiny_llama, ray_local):
     assert 0 < len(done_before) < N_QUESTIONS, f"kill came too late ({len(done_before)} rows done)"
 
     # 2. Re-run to completion (through the other backend, ray.data.llm): only the missing
-    #    questions are generated.
+    #    questions are generated. Its console, without a TTY, is checked too (issue 19).
+    env2 = {k: v for k, v in env.items() if k != "TOKENSKIP_VERBOSE"}
+    env2.update(PYTHONUNBUFFERED="1", TOKENSKIP_PROGRESS_EVERY="5")
+    t0 = time.time()
     rerun = subprocess.run(
-        cmd + ["generate.backend=ray_data_llm"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        cmd + ["generate.backend=ray_data_llm"], cwd=ROOT, env=env2, capture_output=True, text=True, timeout=300
     )
+    took = time.time() - t0
     _kill_leftovers(-1, ray_tmp)
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-4000:]
+    _assert_console_is_short((rerun.stdout + rerun.stderr).splitlines(), run_dir / "logs" / "generate.log", took)
     manifest = artifacts.read_manifest(gen)
     part_rows = PartWriter(gen).read_parts()
     ids = [r["id"] for r in part_rows]

@@ -174,9 +174,16 @@ def test_adapter_loads_in_vllm(runs, tiny_llama):
     from tokenskip import engine
 
     llm = engine.build_llm(tiny_llama, enable_lora=True, max_lora_rank=8)
-    params = engine.sampling_params(8)
-    out = engine.generate(llm, ["Hello"], params, lora=engine.lora_request(runs["zero3"]["adapter"]))
-    assert out[0].output_tokens > 0
+    try:
+        params = engine.sampling_params(8)
+        out = engine.generate(llm, ["Hello"], params, lora=engine.lora_request(runs["zero3"]["adapter"]))
+        assert out[0].output_tokens > 0
+    finally:
+        import gc
+
+        engine.close_llm(llm)  # the engine ran in this process: free its KV cache for the tests after
+        del llm
+        gc.collect()
 
 
 def test_restart_resumes_from_latest_checkpoint(ray_local, tiny_llama, tmp_path):

@@ -78,22 +78,25 @@ def test_overlong_rows_truncated_or_dropped(tok):
     assert tokenize_pair(tok, row["user"], row["completion"], cutoff_len=5, overlong="truncate") is None
 
 
-def test_tokenize_udf_counts_overlong(tiny_llama):
-    import numpy as np
-
-    from pipelines.train import TokenizeUDF
+def test_tokenize_rows_counts_overlong(tiny_llama):
+    from pipelines.train import tokenize_rows
 
     rows = [_row(0), _row(1, cot="word " * 500), _row(2)]
-    batch = {
-        "idx": np.arange(3),
-        "user": np.array([r["user"] for r in rows]),
-        "completion": np.array([r["completion"] for r in rows]),
+    kept, counts = tokenize_rows(tiny_llama, rows, 200, "drop")
+    assert [ex["idx"] for ex in kept] == [0, 2]  # the row numbers the worker's step order is built on
+    assert counts == {
+        "rows": 3,
+        "kept": 2,
+        "dropped_overlong": 1,
+        "truncated": 0,
+        "train_tokens": sum(len(ex["input_ids"]) for ex in kept),
     }
-    out = TokenizeUDF(tiny_llama, 200, "drop")(batch)
-    assert out["dropped"].tolist() == [False, True, False]
-    out = TokenizeUDF(tiny_llama, 200, "truncate")(batch)
-    assert out["dropped"].tolist() == [False, False, False] and out["overlong"].tolist() == [False, True, False]
-    assert max(out["n_tokens"]) == 200
+    kept, counts = tokenize_rows(tiny_llama, rows, 200, "truncate")
+    assert [ex["idx"] for ex in kept] == [0, 1, 2] and counts["truncated"] == 1 and counts["dropped_overlong"] == 0
+    assert max(len(ex["input_ids"]) for ex in kept) == 200
+    for ex in kept:
+        assert len(ex["labels"]) == len(ex["input_ids"]) and ex["input_ids"].dtype.name == "int64"
+        assert (ex["labels"] == -100).any() and (ex["labels"] != -100).any()  # prompt masked, target learned
 
 
 def test_collator_pads_per_batch():
