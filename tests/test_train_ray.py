@@ -171,6 +171,11 @@ def test_adapter_loads_with_peft(runs, tiny_llama):
 
 
 def test_adapter_loads_in_vllm(runs, tiny_llama):
+    """...in an engine that runs in this process (a small model on CPU: tokenskip.engine.runs_in_process),
+    which closing unfreezes so that it can be freed."""
+    import gc
+    import os
+
     from tokenskip import engine
 
     llm = engine.build_llm(tiny_llama, enable_lora=True, max_lora_rank=8)
@@ -178,12 +183,14 @@ def test_adapter_loads_in_vllm(runs, tiny_llama):
         params = engine.sampling_params(8)
         out = engine.generate(llm, ["Hello"], params, lora=engine.lora_request(runs["zero3"]["adapter"]))
         assert out[0].output_tokens > 0
+        assert type(llm.llm_engine.engine_core).__name__ == "InprocClient"  # no EngineCore / Worker process
+        assert engine.MP_ENV not in os.environ  # set only while the engine was built
+        assert gc.get_freeze_count() > 0  # the in-process engine core froze the heap...
     finally:
-        import gc
-
-        engine.close_llm(llm)  # the engine ran in this process: free its KV cache for the tests after
+        engine.close_llm(llm)
         del llm
         gc.collect()
+    assert gc.get_freeze_count() == 0  # ...and closing it unfroze it: the engine and its KV cache are freed
 
 
 def test_restart_resumes_from_latest_checkpoint(ray_local, tiny_llama, tmp_path):
