@@ -113,7 +113,7 @@ def tokenize_dataset(cfg: TrainConfig, rows: list[dict]):
 
     Tokenised here on the driver, which already holds and has checked every row
     (``load_train_rows``): one tokenizer load. A one-actor Ray Data pool did the same work no
-    faster, and its start plus three ``ds.sum`` aggregations cost ~16 s on every run (2 CPUs).
+    faster, and its start plus three ``ds.sum`` aggregations cost ~20 s on every run (2 CPUs).
     Ray Train still gets a Ray Dataset, split across the workers (``DataConfig``)."""
     import ray
 

@@ -119,6 +119,9 @@ def runs_in_process(kw: dict) -> bool:
     vLLM's default spawns an EngineCore process and a Worker process, each importing torch and vLLM
     again: half of a small model's engine start on 2 CPUs (benchmarks/engine_start.py: start 32 s
     in process vs 65 s, decode throughput the same). GPUs and larger models keep vLLM's default.
+    Once an engine core has run in a process, vLLM caches its environment there, so a later sync
+    engine in that same process runs its core in process too (its model still in a Worker
+    process unless it is small).
 
     >>> runs_in_process({"enforce_eager": True}) == (not on_gpu() and MP_ENV not in os.environ)
     True
