@@ -7,7 +7,7 @@ Every configuration runs in its own subprocess (a fresh engine, as a stage or a 
   eager           ``enforce_eager=True`` (no torch.compile at all), empty caches;
   eager-inproc    eager, with vLLM's engine core in the calling process
                   (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: no EngineCore / Worker processes to spawn).
-Per configuration: engine start (``vllm.LLM(...)`` returning), then two workloads on the
+Per configuration: engine start (``vllm.LLM(...)`` returning), then three workloads on the
 same engine, greedy, token-id prompts as evaluation sends them:
   quickstart      the quickstart's evaluation batch: 30 GSM8K test prompts, up to 256 tokens;
   tests           the tests' size: 3 prompts, up to 16 tokens.
@@ -58,7 +58,8 @@ def child(model: str, eager: bool) -> dict:
 CONFIGS = {  # name: (eager, extra environment)
     "compiled-cold": (False, {}),
     "compiled-warm": (False, {}),
-    "eager": (True, {}),
+    # build_llm would run a small eager engine in process by itself: "eager" pins vLLM's processes
+    "eager": (True, {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}),
     "eager-inproc": (True, {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}),
 }
 
