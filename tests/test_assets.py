@@ -40,20 +40,55 @@ def test_smollm2_is_real_and_chat_templated(smollm2):
     assert AutoTokenizer.from_pretrained(smollm2).chat_template
 
 
-@pytest.mark.integration
-def test_concurrent_conversion_is_atomic(tmp_path):
-    """Several processes asking at once: one converts, all get the same finished folder."""
-    code = "from tokenskip import assets; print(assets.ensure_smollm2())"
-    env = {**__import__("os").environ, "TOKENSKIP_HOME": str(tmp_path)}
+_BUILD = """
+import os, sys, time
+from pathlib import Path
+from tokenskip import assets
+
+def build(tmp):
+    (Path(sys.argv[2]) / f"built-{os.getpid()}").touch()
+    time.sleep(1.0)  # long enough for the other processes to find the lock taken
+    (tmp / "weights.bin").write_bytes(b"x" * 1000)
+    (tmp / "config.json").write_text("{}")
+
+print(assets.build_once(Path(sys.argv[1]), build))
+"""
+
+
+def test_concurrent_builds_are_atomic(tmp_path):
+    """Several processes asking at once (what `ensure_smollm2`, the merged-adapter cache and the
+    test fixtures go through): one builds, all get the same finished folder, nothing is left over."""
+    target, log = tmp_path / "models" / "m-v1", tmp_path / "log"
+    log.mkdir()
     procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-        )
+        subprocess.Popen([sys.executable, "-c", _BUILD, str(target), str(log)], stdout=subprocess.PIPE, text=True)
         for _ in range(3)
     ]
-    # last line: the path (libraries may log to stdout before it)
-    outs = [(p.communicate(timeout=600)[0].strip().splitlines() or [""])[-1] for p in procs]
+    outs = [p.communicate(timeout=120)[0].strip().splitlines()[-1] for p in procs]
     assert all(p.returncode == 0 for p in procs)
-    assert len(set(outs)) == 1
-    models = tmp_path / "models"
-    assert [p.name for p in models.iterdir() if p.is_dir()] == [outs[0].split("/")[-1]]  # no leftover temporaries
+    assert outs == [str(target)] * 3
+    assert len(list(log.iterdir())) == 1  # built once
+    assert (target / "weights.bin").stat().st_size == 1000
+    assert sorted(p.name for p in target.parent.iterdir()) == ["m-v1", "m-v1.lock"]  # no leftover temporaries
+
+
+def test_failed_build_leaves_nothing_and_is_retried(tmp_path):
+    target = tmp_path / "m"
+
+    def broken(tmp):
+        (tmp / "config.json").write_text("{}")  # complete-looking, then the build dies
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        assets.build_once(target, broken)
+    assert not target.exists() and [p.name for p in tmp_path.iterdir()] == ["m.lock"]
+    assert assets.build_once(target, lambda tmp: (tmp / "config.json").write_text("{}")) == target
+    assert (target / "config.json").read_text() == "{}"
+
+
+def test_smollm2_conversion_goes_through_build_once(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setenv("TOKENSKIP_HOME", str(tmp_path))
+    monkeypatch.setattr(assets, "build_once", lambda target, build: calls.append(target) or target)
+    out = assets.ensure_smollm2()
+    assert calls == [out] and out.parent == tmp_path / "models" and out.name.startswith(assets.SMOLLM2)

@@ -279,14 +279,20 @@ def test_weighted_loss_is_the_sft_loss_at_unit_weight_and_scales_only_the_forks(
 
 def test_fork_weight_variant_trains_and_reports_the_nll_at_the_forks(tiny_llama, tmp_path, monkeypatch):
     monkeypatch.setitem(gamma_sweep.VARIANTS, "fork_t", {"targets": "truncated", "fork_weight": 20.0})
+    # the same, weighting only the forks between the 0.7 and 0.5 targets
+    value_only = {"targets": "truncated", "fork_weight": 20.0, "fork_on": "value_fork"}
+    monkeypatch.setitem(gamma_sweep.VARIANTS, "vfork_t", value_only)
     out = tmp_path / "fork.json"
     args = ["--sft", _sft(tmp_path / "train.parquet"), "--model", tiny_llama, "--device", "cpu"]
-    args += ["--variants", "fork_t", "--eval-n", "2", "--max-new-tokens", "4", "--probe-n", "0", "--batch", "4"]
-    assert gamma_sweep.main([*args, "--json", str(out)]) == 0
-    tr = json.loads(out.read_text())["variants"]["fork_t"]["train"]
+    args += ["--variants", "fork_t", "vfork_t", "--eval-n", "2", "--max-new-tokens", "4", "--probe-n", "0"]
+    assert gamma_sweep.main([*args, "--batch", "4", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())["variants"]
+    tr, vtr = res["fork_t"]["train"], res["vfork_t"]["train"]
     # 3 questions x 3 γ, each row parting from its question's 2 others: at least one fork per row
     assert tr["rows"] == 9 and tr["fork_tokens"] >= 9
     # value forks: only between the 0.7 and 0.5 rows of a question (the γ = 1 rows have none)
     assert 0 < tr["value_fork_tokens"] <= 6 and tr["value_fork_tokens"] < tr["fork_tokens"]
     assert tr["fork_nll_first"] > 0 and tr["fork_nll_last"] > 0
     assert tr["value_fork_nll_first"] > 0 and tr["value_fork_nll_last"] > 0
+    # same rows, seed and first batch; the weights differ, so the steps after the first do
+    assert vtr["fork_tokens"] == tr["fork_tokens"] and vtr["loss_first"] != tr["loss_first"]

@@ -87,6 +87,15 @@ def _check_endpoint(port: int, with_adapter: bool, key: str = "x") -> None:
         c.completions.create(model=f"{BASE}:missing", prompt="hi")
 
 
+def _check_docs(port: int) -> None:
+    """`docs: true` serves /openapi.json and /docs (tests/test_serving.py checks they're off by default)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/openapi.json", timeout=60) as r:
+        spec = json.loads(r.read())
+    assert "/v1/chat/completions" in spec["paths"] and "/openapi.json" not in spec["paths"], sorted(spec["paths"])
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/docs", timeout=60) as r:
+        assert r.status == 200 and b"swagger" in r.read().lower()
+
+
 KEY_ENV = "TOKENSKIP_TEST_API_KEYS"
 SECRET = "sk-tokenskip-test-4f1c9e27"
 
@@ -120,7 +129,7 @@ def test_serve_deploy_to_running_cluster(ray_head_with_keys, tiny_llama, tiny_ad
     variable the cluster doesn't have, the app fails to deploy with an error naming it (auth
     fails closed); with the keys in the cluster's environment the config deploys as written,
     `serve status` reports it RUNNING, `serve config` never shows the key, requests need it,
-    the OpenAI API answers, `serve shutdown` removes it."""
+    the OpenAI API answers, `docs: true` serves /docs, `serve shutdown` removes it."""
     address, env = ray_head_with_keys
     port = free_ports(1)[0]
     serve = str(BIN / "serve")
@@ -136,7 +145,7 @@ def test_serve_deploy_to_running_cluster(ray_head_with_keys, tiny_llama, tiny_ad
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5)
 
-    cfg = shipped_config(tmp_path, tiny_llama, tiny_adapters[0], port, api_key_env=KEY_ENV)
+    cfg = shipped_config(tmp_path, tiny_llama, tiny_adapters[0], port, api_key_env=KEY_ENV, docs=True)
     r = subprocess.run([serve, "deploy", str(cfg), "-a", address], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     app = _wait_app(serve, address, env, "RUNNING")
@@ -152,6 +161,7 @@ def test_serve_deploy_to_running_cluster(ray_head_with_keys, tiny_llama, tiny_ad
             )
         assert e.value.code == 401 and json.loads(e.value.read())["error"]["code"] == "invalid_api_key"
     _check_endpoint(port, with_adapter=True, key=SECRET)
+    _check_docs(port)
     r = subprocess.run([serve, "shutdown", "-a", address, "-y"], env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
     with pytest.raises(OSError):

@@ -1,7 +1,8 @@
 """Property-based HTTP fuzz of the running Serve app (issue 15, item 2): random JSON shapes,
 types, sizes and nesting, alone or spliced into otherwise valid requests, thrown at both
 endpoints. Whatever arrives: never a 5xx, every error in OpenAI's schema, and the app still
-answers a normal request afterwards.
+answers a normal request afterwards. It runs against the session's app of tests/test_serving.py
+(the docs-enabled app is checked in tests/test_serve_cli.py's `serve deploy` test).
 
     flock /tmp/coord/heavy.lock make test PYTEST_ARGS="tests/test_serving_fuzz.py -q -s"
 """
@@ -15,47 +16,26 @@ import time
 
 import pytest
 
-from tokenskip.testing import free_ports
-
 pytestmark = pytest.mark.integration
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-KEY = "fuzz-key"
 BASE = "tiny-llama"
-MAX_BYTES = 64 * 1024
+MAX_BYTES = 64 * 1024  # the app's max_request_bytes
 EXAMPLES = 400
 STATS = {"cases": 0, "by_status": {}, "seconds": 0.0}
 
 
-@pytest.fixture(scope="module")
-def app_port(ray_local, tiny_llama, tiny_adapters):
-    from ray import serve
-    from test_serving import strict_template_model
+# the app of tests/test_serving.py (module-scoped there; its teardown waits for this module)
+from test_serving import KEY, served  # noqa: E402, F401
 
-    from serving.app import build_app
 
-    args = {
-        "model": strict_template_model(tiny_llama),
-        "model_id": BASE,
-        "engine_kwargs": {"max_model_len": 512},
-        "adapters": [{"name": "a", "path": tiny_adapters[0], "ratios": [1.0, 0.5]}],
-        "base_expected_cot_tokens": {"1.0": 100},
-        "default_max_tokens": 4,
-        "max_request_bytes": MAX_BYTES,
-        "api_keys": [KEY],
-        "docs": True,
-        "ingress_deployment": {"ray_actor_options": {"num_cpus": 0.1}},
-        "model_deployment": {"ray_actor_options": {"num_cpus": 1}, "max_ongoing_requests": 16},
-    }
-    port = free_ports(1)[0]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(args), name="tokenskip-fuzz", route_prefix="/")
-    yield port
-    serve.delete("tokenskip-fuzz")
-    serve.shutdown()
+def _port(app: dict) -> int:
+    """The port of the session's Serve app (tests/test_serving.py), which this module shares (one engine
+    start fewer): the tiny Llama with a strict chat template, two adapters, API keys, 64 KiB bodies."""
+    return int(app["url"].rsplit(":", 1)[1])
 
 
 # ----------------------------------------------------------------------------- strategies
@@ -256,7 +236,8 @@ def _normal_request_works(port: int) -> None:
     assert json.loads(raw)["usage"]["completion_tokens"] == 2
 
 
-def test_fuzz_never_5xx_always_openai_errors(app_port):
+def test_fuzz_never_5xx_always_openai_errors(served):  # noqa: F811 (the fixture imported above)
+    app_port = _port(served)
     _normal_request_works(app_port)
     t0 = time.perf_counter()
 
@@ -286,16 +267,3 @@ def test_fuzz_never_5xx_always_openai_errors(app_port):
     print(f"\n[fuzz] {STATS['cases']} cases in {STATS['seconds']:.1f}s, statuses {sorted(STATS['by_status'].items())}")
     assert STATS["cases"] >= EXAMPLES * 0.9 and math.isfinite(STATS["seconds"])
     _normal_request_works(app_port)  # still serving
-
-
-def test_docs_when_enabled(app_port):
-    """`docs: true` (this app) serves /openapi.json and /docs; tests/test_serving.py checks they're off by default."""
-    conn = http.client.HTTPConnection("127.0.0.1", app_port, timeout=60)
-    conn.request("GET", "/openapi.json")
-    r = conn.getresponse()
-    spec = json.loads(r.read())
-    assert r.status == 200 and "/v1/chat/completions" in spec["paths"] and "/openapi.json" not in spec["paths"]
-    conn.request("GET", "/docs")
-    r = conn.getresponse()
-    assert r.status == 200 and b"swagger" in r.read().lower()
-    conn.close()

@@ -26,6 +26,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 SMOLLM2 = "smollm2-135m-instruct"
@@ -113,23 +114,33 @@ def file_lock(path: Path, timeout: float = 1800.0):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def ensure_smollm2() -> Path:
-    """Convert the shipped GGUF to a normal transformers folder once (atomic, locked)."""
-    target = tokenskip_home() / "models" / f"{SMOLLM2}-{_SMOLLM2_CONVERSION}"
-    if (target / "config.json").is_file():
+def build_once(target: Path, build: Callable[[Path], None], marker: str = "config.json") -> Path:
+    """The folder ``target``, built once by ``build(tmp)`` if it has no ``marker`` file yet.
+
+    Several processes may ask at once (Ray workers, test workers): one builds into a temporary
+    sibling under a file lock and renames it into place, the others wait for the lock and get
+    the finished folder. A crash mid-build leaves no half-written ``target``.
+    """
+    target = Path(target)
+    if (target / marker).is_file():
         return target
     with file_lock(target.with_suffix(".lock")):
-        if (target / "config.json").is_file():  # another process finished first
+        if (target / marker).is_file():  # another process finished first
             return target
-        gguf = smollm2_gguf()
         tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
         try:
-            _convert_gguf(gguf, tmp)
+            build(tmp)
             os.chmod(tmp, 0o755)
             os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def ensure_smollm2() -> Path:
+    """Convert the shipped GGUF to a normal transformers folder once (atomic, locked)."""
+    target = tokenskip_home() / "models" / f"{SMOLLM2}-{_SMOLLM2_CONVERSION}"
+    return build_once(target, lambda out: _convert_gguf(smollm2_gguf(), out))
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:

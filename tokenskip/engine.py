@@ -211,8 +211,6 @@ def merged_model_dir(model: str, adapter_dir: str, cache_root: str | os.PathLike
     up to float rounding). Cached by the adapter's content hash; atomic and locked.
     """
     import hashlib
-    import shutil
-    import tempfile
     from pathlib import Path
 
     adapter = Path(adapter_dir)
@@ -222,11 +220,8 @@ def merged_model_dir(model: str, adapter_dir: str, cache_root: str | os.PathLike
         h.update(f.read_bytes())
     root = Path(cache_root) if cache_root else assets.tokenskip_home() / "merged"
     target = root / h.hexdigest()[:16]
-    if (target / "config.json").is_file():
-        return str(target)
-    with assets.file_lock(target.with_suffix(".lock")):
-        if (target / "config.json").is_file():
-            return str(target)
+
+    def build(out: Path) -> None:
         import torch
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -234,12 +229,7 @@ def merged_model_dir(model: str, adapter_dir: str, cache_root: str | os.PathLike
         base_dir = assets.resolve_model(model)
         base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
         merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
-        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=root))
-        try:
-            merged.save_pretrained(str(tmp), safe_serialization=True)
-            AutoTokenizer.from_pretrained(base_dir).save_pretrained(str(tmp))
-            os.chmod(tmp, 0o755)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(target)
+        merged.save_pretrained(str(out), safe_serialization=True)
+        AutoTokenizer.from_pretrained(base_dir).save_pretrained(str(out))
+
+    return str(assets.build_once(target, build))

@@ -30,24 +30,20 @@ def build_tiny_llama(out_dir: str | os.PathLike, hidden: int = 128, layers: int 
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    out = Path(out_dir)
-    if (out / "config.json").is_file():
-        return out
-    src = assets.ensure_smollm2()
-    tok = AutoTokenizer.from_pretrained(src)
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-        num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, head_dim=64,
-        max_position_embeddings=4096, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id, tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(cfg).to(torch.float32)
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, out)
-    return out
+    def build(tmp: Path) -> None:
+        tok = AutoTokenizer.from_pretrained(assets.ensure_smollm2())
+        torch.manual_seed(seed)
+        cfg = LlamaConfig(
+            vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+            num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, head_dim=64,
+            max_position_embeddings=4096, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+            tie_word_embeddings=True,
+        )
+        LlamaForCausalLM(cfg).to(torch.float32).save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    return assets.build_once(Path(out_dir), build)
 
 
 def build_tiny_bert_classifier(out_dir: str | os.PathLike, hidden: int = 64, layers: int = 2, seed: int = 0,
@@ -60,23 +56,20 @@ def build_tiny_bert_classifier(out_dir: str | os.PathLike, hidden: int = 64, lay
     import torch
     from transformers import AutoModelForTokenClassification, AutoTokenizer, BertConfig, BertForTokenClassification
 
-    out = Path(out_dir)
-    if (out / "config.json").is_file():
-        return out
-    src = assets.minilm_path()
-    tok = AutoTokenizer.from_pretrained(src)
-    torch.manual_seed(seed)
-    if from_minilm:
-        model = AutoModelForTokenClassification.from_pretrained(src, num_labels=2)
-    else:
-        cfg = BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-                         intermediate_size=hidden * 2, max_position_embeddings=512, num_labels=2)
-        model = BertForTokenClassification(cfg)
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, out)
-    return out
+    def build(tmp: Path) -> None:
+        src = assets.minilm_path()
+        tok = AutoTokenizer.from_pretrained(src)
+        torch.manual_seed(seed)
+        if from_minilm:
+            model = AutoModelForTokenClassification.from_pretrained(src, num_labels=2)
+        else:
+            cfg = BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                             intermediate_size=hidden * 2, max_position_embeddings=512, num_labels=2)
+            model = BertForTokenClassification(cfg)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    return assets.build_once(Path(out_dir), build)
 
 
 def build_tiny_adapter(base_dir: str | os.PathLike, out_dir: str | os.PathLike, seed: int = 0, r: int = 8) -> Path:
@@ -89,17 +82,15 @@ def build_tiny_adapter(base_dir: str | os.PathLike, out_dir: str | os.PathLike, 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    out = Path(out_dir)
-    if (out / "adapter_config.json").is_file():
-        return out
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", lora_dropout=0.0))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.5)
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    peft_model.save_pretrained(str(tmp))
-    os.replace(tmp, out)
-    return out
+    def build(tmp: Path) -> None:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+        lora = LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", lora_dropout=0.0)
+        peft_model = get_peft_model(model, lora)
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0.0, 0.5)
+        peft_model.save_pretrained(str(tmp))
+
+    return assets.build_once(Path(out_dir), build, marker="adapter_config.json")
