@@ -92,3 +92,29 @@ def test_smollm2_conversion_goes_through_build_once(monkeypatch, tmp_path):
     monkeypatch.setattr(assets, "build_once", lambda target, build: calls.append(target) or target)
     out = assets.ensure_smollm2()
     assert calls == [out] and out.parent == tmp_path / "models" and out.name.startswith(assets.SMOLLM2)
+
+
+def test_free_ports_stay_out_of_ranges_other_processes_draw_from(monkeypatch):
+    """Ports handed to test servers must not be ones Ray's processes or the kernel's bind-to-0
+    can take between choosing and binding (CI once read a gRPC greeting from a Serve test's port)."""
+    import random
+    import socket
+
+    from tokenskip import testing
+
+    eph_lo, eph_hi = testing._ephemeral_range()
+    ports = testing.free_ports(7) + testing.free_ports(3)
+    assert len(set(ports)) == 10
+    for p in ports:
+        assert not eph_lo <= p <= eph_hi and not 10002 <= p <= 19999, p
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", p))  # really free
+
+    # A port someone holds is skipped even when it is the first candidate.
+    monkeypatch.setattr(random.SystemRandom, "shuffle", lambda self, xs: None)
+    monkeypatch.setattr(testing, "_HANDED_OUT", set())
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 20000))
+        held.listen()
+        got = testing.free_ports(2)
+    assert 20000 not in got and got == sorted(got)

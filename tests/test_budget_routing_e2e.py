@@ -12,6 +12,7 @@ empty table and every budget was answered 400.)
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shlex
@@ -48,7 +49,7 @@ def _wait_models(port: int, proc: subprocess.Popen, log: Path, timeout: float = 
         try:
             if json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5).read()).get("data"):
                 return
-        except (OSError, ValueError):
+        except (OSError, ValueError, http.client.HTTPException):
             pass
         if proc.poll() is not None:
             pytest.fail(f"tokenskip serve exited with {proc.returncode}:\n{log.read_text()[-5000:]}")

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -60,7 +61,7 @@ def _wait_http(url: str, proc: subprocess.Popen | None = None, timeout: float = 
         try:
             if json.loads(urllib.request.urlopen(url, timeout=5).read()).get("data"):
                 return
-        except (OSError, ValueError):
+        except (OSError, ValueError, http.client.HTTPException):
             pass
         if proc is not None and proc.poll() is not None:
             pytest.fail(f"server exited with {proc.returncode}: {proc.stdout.read()[-4000:]}")

@@ -10,19 +10,47 @@ from pathlib import Path
 
 from tokenskip import assets
 
+# Ray's default worker ports are 10002-19999; the kernel hands out ephemeral ports (bind to
+# port 0, outgoing connections) from ip_local_port_range, 32768-60999 on Linux. A port taken from
+# that range and handed to a server that binds it seconds later can meanwhile be taken by any of
+# the Ray processes starting in between (CI once read an HTTP/2 gRPC greeting from the "free" port
+# a Serve test had chosen). Ports between the two ranges are bound only by whoever asks for them.
+_RAY_WORKER_PORTS = (10002, 19999)
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
 
 def free_ports(n: int = 1) -> list[int]:
-    """``n`` distinct TCP ports that are free on 127.0.0.1 right now."""
+    """``n`` distinct TCP ports that are free on 127.0.0.1 right now, chosen outside the kernel's
+    ephemeral range and Ray's worker-port range so that no process started later takes them by
+    chance; never the same port twice in one process."""
+    import random
     import socket
 
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    eph_lo, eph_hi = _ephemeral_range()
+    lo = _RAY_WORKER_PORTS[1] + 1
+    hi = eph_lo - 1 if eph_lo > lo + 1000 else 65535
+    candidates = [p for p in range(lo, hi + 1) if not (eph_lo <= p <= eph_hi) and p not in _HANDED_OUT]
+    random.SystemRandom().shuffle(candidates)
+    ports: list[int] = []
+    for port in candidates:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
+        _HANDED_OUT.add(port)
+        if len(ports) == n:
+            return ports
+    raise RuntimeError(f"no {n} free ports on 127.0.0.1 in {lo}-{hi} outside the ephemeral range {eph_lo}-{eph_hi}")
 
 
 def build_tiny_llama(out_dir: str | os.PathLike, hidden: int = 128, layers: int = 2, seed: int = 0) -> Path:
