@@ -90,6 +90,8 @@ def instrument(prof: Profile, scorer) -> None:
     prof.patch(tp, "prune_chunks", "detokenise/join")
     prof.patch(tp, "join_offsets", "detokenise/join")
     prof.patch(pruner, "join_offsets", "detokenise/join")
+    prof.patch(tp, "offset_pieces", "detokenise/join")
+    prof.patch(pruner, "offset_pieces", "detokenise/join")
 
 
 def buckets(n: dict[str, int], tok, cots_file: str | None) -> dict[str, list[str]]:

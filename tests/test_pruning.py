@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tokenskip.pruning import TokenCounter, check_ratios, load_scorer, prune_rows, prune_texts
-from tokenskip.pruning.pruner import ChunkWords, join_offsets, keep_masks, merge_words
+from tokenskip.pruning.pruner import ChunkWords, join_offsets, keep_masks, merge_words, offset_pieces
 
 RATIOS = [0.9, 0.8, 0.7, 0.6, 0.5]
 FORCE = dict(force_tokens=["Step", ":"], force_reserve_digit=True, drop_consecutive=True)
@@ -164,6 +164,40 @@ def test_merge_words_text_family_and_offsets_join():
     assert join_offsets(text, w.spans, keep) == "Natalia 48 2 = 24 clips.\n\nStep 2: done"
     keep[[4, 6]] = False
     assert join_offsets(text, w.spans, keep) == "Natalia 48 = clips.\n\nStep 2: done"
+
+
+def _join_offsets_reference(text, spans, keep):
+    """The join as first written (a scan back over whitespace per kept word), kept here as the reference."""
+    parts, prev = [], -2
+    for k in np.flatnonzero(keep):
+        s, e = spans[k]
+        if parts:
+            j = s
+            while j > 0 and text[j - 1].isspace():
+                j -= 1
+            sep = " " if j == s and k != prev + 1 and text[s : s + 1].isalnum() else ""
+            parts.append(sep + text[j:e])
+        else:
+            parts.append(text[s:e])
+        prev = k
+    return "".join(parts)
+
+
+def test_join_with_precomputed_pieces_matches_the_reference_join(gsm8k_cots):
+    """The budget cut joins one text many times from ``offset_pieces``; every join must be the
+    one the per-word scan gives, on real CoTs (numbers glued to operators, line breaks) and random masks."""
+    rng = np.random.default_rng(0)
+    texts = [c for c in gsm8k_cots[:40]] + ["3*2=6\n\n  x=$4.50  (ok)\tend", "", "  lead and trail  "]
+    checked = 0
+    for text in texts:
+        spans = np.array([m.span() for m in re.finditer(r"\w+|[^\w\s]", text)], np.int64).reshape(-1, 2)
+        pieces = offset_pieces(text, spans)
+        for p in (0.0, 0.3, 0.7, 1.0):
+            keep = rng.random(len(spans)) < p
+            want = _join_offsets_reference(text, spans, keep)
+            assert join_offsets(text, spans, keep, pieces) == want == join_offsets(text, spans, keep)
+            checked += bool(want)
+    assert checked > 100
 
 
 def test_all_ratios_from_one_threshold_pass_match_separate_calls():

@@ -29,6 +29,7 @@ from tokenskip.pruning.pruner import (
     budget_masks,
     join_offsets,
     merge_words,
+    offset_pieces,
     prune_chunks,
     word_tiers,
 )
@@ -177,8 +178,9 @@ def _prune_budget(
         weights = np.concatenate(n_tok) if n_tok else np.zeros(0, np.int64)
         fixed = n_sep
     measure = total = None
+    pieces = offset_pieces(text, spans_a)  # one pass over the words; every join below reuses it
     if count_text is not None:  # place the cut on the measured length of the pruned text itself
-        measure = lambda keep: count_text(join_offsets(text, spans_a, keep))  # noqa: E731
+        measure = lambda keep: count_text(join_offsets(text, spans_a, keep, pieces))  # noqa: E731
         total = count_text(text)
     masks = budget_masks(
         probs_a,
@@ -189,7 +191,7 @@ def _prune_budget(
         measure=measure,
         measured_total=total,
     )
-    return {r: (text if r >= 1.0 else join_offsets(text, spans_a, masks[r])) for r in ratios}
+    return {r: (text if r >= 1.0 else join_offsets(text, spans_a, masks[r], pieces)) for r in ratios}
 
 
 def _gaps(text: str, spans: np.ndarray) -> list[str]:

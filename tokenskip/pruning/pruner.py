@@ -334,26 +334,51 @@ def _consecutive_force(cw: ChunkWords, above: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- joining
 
 
-def join_offsets(text: str, spans: np.ndarray, keep: np.ndarray) -> str:
+def offset_pieces(text: str, spans: np.ndarray) -> tuple[list[str], list[str], list[bool]]:
+    """Per word of ``text``: the word, the whitespace before it, and whether it needs a space
+    when the word before it was dropped (it touched that word and starts alphanumeric). Computed
+    once per text, so that each of the joins the budget cut measures costs one pass over the kept
+    words (``join_offsets(..., pieces=...)``).
+
+    >>> offset_pieces("3*2=6 ok", np.array([[0, 1], [1, 2], [2, 3], [3, 4], [4, 5], [6, 8]]))
+    (['3', '*', '2', '=', '6', 'ok'], ['', '', '', '', '', ' '], [True, False, True, False, True, False])
+    """
+    words: list[str] = []
+    leads: list[str] = []
+    sep: list[bool] = []
+    for s, e in spans.tolist():
+        j = s
+        while j > 0 and text[j - 1].isspace():
+            j -= 1
+        words.append(text[s:e])
+        leads.append(text[j:s])
+        sep.append(j == s and text[s : s + 1].isalnum())
+    return words, leads, sep
+
+
+def join_offsets(
+    text: str,
+    spans: np.ndarray,
+    keep: np.ndarray,
+    pieces: tuple[list[str], list[str], list[bool]] | None = None,
+) -> str:
     """Kept words from the original text, each after the whitespace that preceded it.
+
+    ``pieces``: ``offset_pieces(text, spans)``, when the same text is joined many times.
 
     >>> spans = np.array([[0, 2], [3, 7], [8, 10], [11, 16], [16, 17], [18, 22], [23, 25], [25, 26]])
     >>> join_offsets("He sold 48 clips.\\nThen 72.", spans, np.array([1, 0, 1, 1, 0, 1, 1, 1], bool))
     'He 48 clips\\nThen 72.'
     """
-    parts: list[str] = []
-    prev = -2
-    for k in np.flatnonzero(keep):
-        s, e = spans[k]
-        if parts:
-            j = s
-            while j > 0 and text[j - 1].isspace():
-                j -= 1
-            # words that were not adjacent must not fuse ("3*2=6" without "*" is "3 2=6")
-            sep = " " if j == s and k != prev + 1 and text[s : s + 1].isalnum() else ""
-            parts.append(sep + text[j:e])
-        else:
-            parts.append(text[s:e])
+    idx = np.flatnonzero(keep).tolist()
+    if not idx:
+        return ""
+    words, leads, sep = pieces if pieces is not None else offset_pieces(text, spans)
+    parts = [words[idx[0]]]
+    prev = idx[0]
+    for k in idx[1:]:
+        # words that were not adjacent must not fuse ("3*2=6" without "*" is "3 2=6")
+        parts.append((" " if sep[k] and k != prev + 1 else "") + leads[k] + words[k])
         prev = k
     return "".join(parts)
 
@@ -373,6 +398,7 @@ def prune_chunks(
     """
     masks = [keep_masks(c, ratios, drop_consecutive) for c in chunks]
     out: dict[float, str] = {}
+    spans, pieces = None, None
     for r in ratios:
         if r >= 1.0:
             if detok is not None:
@@ -391,9 +417,11 @@ def prune_chunks(
             if not chunks:
                 out[r] = ""
                 continue
-            spans = np.concatenate([c.spans for c in chunks]) if chunks else np.zeros((0, 2), np.int64)
+            if pieces is None:
+                spans = np.concatenate([c.spans for c in chunks])
+                pieces = offset_pieces(text or "", spans)
             keep = np.concatenate([m[r] for m in masks])
-            out[r] = join_offsets(text or "", spans, keep)
+            out[r] = join_offsets(text or "", spans, keep, pieces)
     return out
 
 
