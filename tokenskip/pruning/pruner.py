@@ -534,10 +534,11 @@ def _refine(
     """Move the cut (``k`` best words kept) to where the measured length is closest to ``target``.
 
     The word-sum estimate ``k`` is often several words short (joining drops line breaks and
-    merges pieces), so secant jumps come first - by ``(target − measured) / tokens_per_word``
-    words, then by the slope measured between the last two cuts, each kept only if it is
-    closer; the word-by-word walk then finishes from there. Each measurement re-tokenizes the
-    pruned text, so this cuts the measurements per γ from up to ``max_steps`` to a few.
+    merges pieces; on texts of several scoring windows, dozens), so secant steps come first -
+    by ``(target − measured) / tokens_per_word`` words, then by the slope measured between the
+    last two cuts, from the closest cut so far, bisecting once cuts on both sides of the target
+    are known; the word-by-word walk (at most ``max_steps``) then finishes from there. Each
+    measurement re-tokenizes the pruned text, so this takes a few measurements per γ.
 
     >>> lengths = [0, 3, 5, 8, 11, 13, 16, 19, 21, 24]   # measured tokens with the j best words kept
     >>> calls = []
@@ -560,15 +561,35 @@ def _refine(
         return seen[j]
 
     cur = m(k)
-    k0, tpw = k, tokens_per_word
-    for _ in range(3):  # secant jumps while they get closer
-        if not tpw or tpw <= 0 or cur == target:
+    tpw = tokens_per_word
+    lo = hi = None  # the nearest cuts measured below and above the target, once known
+
+    def bracket(j: int, v: int) -> None:
+        nonlocal lo, hi
+        if v < target and (lo is None or j > lo):
+            lo = j
+        if v > target and (hi is None or j < hi):
+            hi = j
+
+    bracket(k, cur)
+    for _ in range(12):  # secant steps from the closest cut so far, kept inside the bracket once there is one
+        if cur == target or (lo is not None and hi is not None and hi - lo <= 1):
             break
-        j = min(max(k + int(round((target - cur) / tpw)), 0, k0 - max_steps), n, k0 + max_steps)
-        if j == k or abs(m(j) - target) >= abs(cur - target):
-            break
-        tpw = max(0.25, abs(m(j) - cur) / abs(j - k))  # the slope measured between the two cuts
-        k, cur = j, m(j)
+        j = k + int(round((target - cur) / tpw)) if tpw and tpw > 0 else k
+        j = min(max(j, 0), n)
+        both = lo is not None and hi is not None
+        if both and not lo < j < hi:
+            j = (lo + hi) // 2
+        if j == k or j in seen:
+            if not both or (lo + hi) // 2 in seen:
+                break
+            j = (lo + hi) // 2
+        v = m(j)
+        bracket(j, v)
+        if v != cur:
+            tpw = max(0.25, abs(v - cur) / abs(j - k))  # the slope measured between the two cuts
+        if abs(v - target) < abs(cur - target):
+            k, cur = j, v
     step = 1 if cur < target else -1
     for _ in range(max_steps):
         j = k + step
