@@ -398,7 +398,9 @@ def prune_chunks(
     """
     masks = [keep_masks(c, ratios, drop_consecutive) for c in chunks]
     out: dict[float, str] = {}
-    spans, pieces = None, None
+    if detok is None and chunks:  # the offsets join: the text's pieces once, for every ratio
+        spans = np.concatenate([c.spans for c in chunks])
+        pieces = offset_pieces(text or "", spans)
     for r in ratios:
         if r >= 1.0:
             if detok is not None:
@@ -417,9 +419,6 @@ def prune_chunks(
             if not chunks:
                 out[r] = ""
                 continue
-            if pieces is None:
-                spans = np.concatenate([c.spans for c in chunks])
-                pieces = offset_pieces(text or "", spans)
             keep = np.concatenate([m[r] for m in masks])
             out[r] = join_offsets(text or "", spans, keep, pieces)
     return out
@@ -577,13 +576,13 @@ def _refine(
             break
         j = k + int(round((target - cur) / tpw)) if tpw and tpw > 0 else k
         j = min(max(j, 0), n)
-        both = lo is not None and hi is not None
-        if both and not lo < j < hi:
-            j = (lo + hi) // 2
+        mid = (lo + hi) // 2 if lo is not None and hi is not None else None
+        if mid is not None and not lo < j < hi:
+            j = mid
         if j == k or j in seen:
-            if not both or (lo + hi) // 2 in seen:
+            if mid is None or mid in seen:
                 break
-            j = (lo + hi) // 2
+            j = mid
         v = m(j)
         bracket(j, v)
         if v != cur:
