@@ -16,6 +16,12 @@ tokens/s and the share of processed tokens that are real, plus that share comput
 whole epoch's order for both.
 
     python -m benchmarks.train --grouping runs/smollm2-gsm8k-adherence/build_sft --steps 12 --micro-batch 4
+
+``--lm-head DIR`` (or ``gold``): the LM head and cross entropy on every position (transformers'
+loss) vs on the labelled (completion) positions only (``train.lm_head_positions``), DDP x 2,
+alternating ``--repeat`` times: real tokens/s of each and the largest per-step loss difference.
+
+    python -m benchmarks.train --lm-head runs/quickstart/build_sft --steps 12 --micro-batch 4 --cutoff 384
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ def run_one(
     cutoff: int,
     warmup: int,
     group_by_length: bool = True,
+    lm_head_positions: str = "labelled",
 ) -> dict:
     from pipelines.train import run_train
     from tokenskip.config import TrainConfig, load_config
@@ -78,6 +85,7 @@ def run_one(
             learning_rate=1e-4,
             checkpoint_every=10_000,
             group_by_length=group_by_length,
+            lm_head_positions=lm_head_positions,
             scaling={"num_workers": workers, "use_gpu": False, "resources_per_worker": {"CPU": 1}},
         ),
     )
@@ -100,9 +108,11 @@ def run_one(
         "processed_tokens_per_s": round(processed / secs, 1),
         "real_token_share": round(tokens / processed, 4) if processed else None,
         "group_by_length": group_by_length,
+        "lm_head_positions": log[-1].get("lm_head_positions", lm_head_positions),
         "s_per_step": round(secs / len(timed), 3),
         "loss_first": round(log[0]["loss"], 4),
         "loss_last": round(log[-1]["loss"], 4),
+        "losses": [r["loss"] for r in log],
         "wall_s": round(wall, 1),
         "startup_and_save_s": round(wall - train_s, 1),
         "adapter_params": manifest["adapter_info"]["parameters"],
@@ -121,9 +131,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--grouping", default=None, help="a build_sft stage directory: compare shuffle vs length-grouped batches"
     )
+    ap.add_argument(
+        "--lm-head",
+        default=None,
+        help="a build_sft stage directory (or 'gold': GSM8K gold rows at γ 1.0): the LM head on every position "
+        "vs on the labelled ones only (train.lm_head_positions), DDP x 2, alternating --repeat times",
+    )
+    ap.add_argument("--repeat", type=int, default=2)
     args = ap.parse_args(argv)
     if args.grouping:
         return grouping(args)
+    if args.lm_head:
+        return lm_head(args)
     args.out = args.out or "benchmarks/results/train_cpu.json"
 
     from pipelines.common import init_ray
@@ -206,13 +225,11 @@ def grouping(args) -> int:
     from transformers import AutoTokenizer
 
     from pipelines.common import init_ray
-    from tokenskip import artifacts, assets
+    from tokenskip import assets
     from tokenskip.training import tokenize_pair
 
     data = Path(args.grouping)
-    rows = artifacts.read_rows(
-        artifacts.data_file(data) if not (data / "train.parquet").exists() else data / "train.parquet"
-    )
+    rows = _sft_rows(data)
     tok = AutoTokenizer.from_pretrained(assets.resolve_model(args.model))
     lengths = [
         len(ex["input_ids"]) for ex in (tokenize_pair(tok, r["user"], r["completion"], args.cutoff) for r in rows) if ex
@@ -223,19 +240,7 @@ def grouping(args) -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="tokenskip-bench-group-") as tmp:
         for grouped in (False, True):
-            r = run_one(
-                args.model,
-                data,
-                Path(tmp) / f"g{int(grouped)}",
-                "ddp",
-                0,
-                2,
-                args.steps,
-                args.micro_batch,
-                args.cutoff,
-                args.warmup,
-                group_by_length=grouped,
-            )
+            r = _ddp_x2(args, data, Path(tmp) / f"g{int(grouped)}", group_by_length=grouped)
             print(json.dumps(r), flush=True)
             results.append(r)
     a, b = results
@@ -247,16 +252,67 @@ def grouping(args) -> int:
             f"{r['processed_tokens_per_s']:>16} {r['real_token_share']:>11}"
         )
     print(f"\nreal tokens/s grouped / shuffle = {ratio:.2f}")
-    out = Path(args.out or "benchmarks/results/train_grouping_cpu.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {"args": vars(args), "epoch_real_share": static, "runs": results, "real_tokens_per_s_ratio": ratio},
-            indent=1,
-        )
-        + "\n"
+    _save(
+        args.out or "benchmarks/results/train_grouping_cpu.json",
+        {"args": vars(args), "epoch_real_share": static, "runs": results, "real_tokens_per_s_ratio": ratio},
     )
     return 0
+
+
+def lm_head(args) -> int:
+    """Side by side in one run: ``lm_head_positions`` all vs labelled, same rows, seed and steps."""
+    from pipelines.common import init_ray
+
+    init_ray({"num_cpus": 4})
+    results = []
+    with tempfile.TemporaryDirectory(prefix="tokenskip-bench-head-") as tmp:
+        data = make_data(Path(tmp) / "sft", args.rows) if args.lm_head == "gold" else Path(args.lm_head)
+        rows = _sft_rows(data)
+        print(f"{len(rows)} rows from {args.lm_head}", flush=True)
+        for rep in range(args.repeat):
+            for positions in ("all", "labelled"):
+                r = _ddp_x2(args, data, Path(tmp) / f"{positions}{rep}", lm_head_positions=positions)
+                r["repeat"] = rep
+                print(json.dumps({k: v for k, v in r.items() if k != "losses"}), flush=True)
+                results.append(r)
+    by = {p: [r for r in results if r["lm_head_positions"] == p] for p in ("all", "labelled")}
+    ratios = [b["tokens_per_s"] / a["tokens_per_s"] for a, b in zip(by["all"], by["labelled"])]
+    loss_diff = max(abs(x - y) for a, b in zip(by["all"], by["labelled"]) for x, y in zip(a["losses"], b["losses"]))
+    print(f"\n{'lm head on':<10} {'repeat':>6} {'real tok/s':>10} {'s/step':>7} {'loss first -> last':>20}")
+    for r in results:
+        print(
+            f"{r['lm_head_positions']:<10} {r['repeat']:>6} {r['tokens_per_s']:>10} {r['s_per_step']:>7} "
+            f"{r['loss_first']:>9} -> {r['loss_last']:<8}"
+        )
+    print(
+        "\nreal tokens/s labelled / all, per repeat: "
+        + ", ".join(f"{x:.2f}" for x in ratios)
+        + f"; largest per-step loss difference {loss_diff:.2e}"
+    )
+    _save(
+        args.out or "benchmarks/results/train_lm_head_cpu.json",
+        {"args": vars(args), "runs": results, "tokens_per_s_ratio": ratios, "max_step_loss_diff": loss_diff},
+    )
+    return 0
+
+
+def _ddp_x2(args, data: Path, out: Path, **kw) -> dict:
+    """One measured run: DDP on 2 workers, the command line's steps, micro-batch and cutoff."""
+    return run_one(args.model, data, out, "ddp", 0, 2, args.steps, args.micro_batch, args.cutoff, args.warmup, **kw)
+
+
+def _save(path: str, payload: dict) -> None:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=1) + "\n")
+
+
+def _sft_rows(data: Path) -> list[dict]:
+    """The train rows of a build_sft stage directory (or of a rows file)."""
+    from tokenskip import artifacts
+
+    path = data / "train.parquet"
+    return artifacts.read_rows(path if path.exists() else artifacts.data_file(data))
 
 
 if __name__ == "__main__":

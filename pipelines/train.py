@@ -258,7 +258,13 @@ class _Runner:
     def __init__(self, cfg: TrainConfig, total: int, accum: int, device, on_gpu: bool) -> None:
         import torch
 
-        from tokenskip.training import build_deepspeed_config, build_lora_config, lr_factor, resolve_precision
+        from tokenskip.training import (
+            build_deepspeed_config,
+            build_lora_config,
+            completion_loss_module,
+            lr_factor,
+            resolve_precision,
+        )
 
         self.cfg, self.accum, self.device = cfg, accum, device
         self.precision = resolve_precision(cfg.precision, on_gpu)
@@ -292,6 +298,9 @@ class _Runner:
         )
         self.peft_model = model
         params = [p for p in model.parameters() if p.requires_grad]
+        # returns the loss; the LM head sees only the completion's positions where the architecture allows
+        model = completion_loss_module(model, None if cfg.lm_head_positions == "labelled" else False)
+        self.labelled_head = model.labelled_head
         if self.deepspeed:
             import deepspeed
 
@@ -333,14 +342,14 @@ class _Runner:
 
         batch = {k: v.to(self.device) for k, v in batch.items()}
         if self.deepspeed:
-            loss = self.engine(**batch).loss
+            loss = self.engine(**batch)
             self.engine.backward(loss)  # scaled by 1/accum inside
             self.engine.step()  # steps the optimizer only at the accumulation boundary
             return float(loss.detach())
         last = micro == self.accum - 1
         ctx = self.module.no_sync() if (not last and hasattr(self.module, "no_sync")) else contextlib.nullcontext()
         with ctx:
-            loss = self.module(**batch).loss
+            loss = self.module(**batch)
             (loss / self.accum).backward()
         return float(loss.detach())
 
@@ -474,7 +483,7 @@ def train_loop_per_worker(config: dict) -> None:
         rank,
         f"workers={world} rows={n_local} ({len(rows)} here) accum={accum} steps/epoch={per_epoch} total={total} "
         f"strategy={cfg.strategy}{'-zero' + str(cfg.zero_stage) if cfg.strategy == 'deepspeed' else ''} "
-        f"precision={runner.precision}",
+        f"precision={runner.precision} lm_head={'labelled positions' if runner.labelled_head else 'all positions'}",
     )
 
     mb = cfg.micro_batch_size
@@ -520,6 +529,7 @@ def train_loop_per_worker(config: dict) -> None:
             "grad_norm": runner.grad_norm,
             "processed_tokens_per_s": proc_sum / max(dt, 1e-9),  # real + padding positions
             "real_token_share_run": tokens_run / max(processed_run, 1.0),
+            "lm_head_positions": "labelled" if runner.labelled_head else "all",
         }
         if rank == 0:
             _append_step(config["step_log"], {**metrics, "pid": os.getpid(), "time": time.time()})

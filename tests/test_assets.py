@@ -118,3 +118,42 @@ def test_free_ports_stay_out_of_ranges_other_processes_draw_from(monkeypatch):
         held.listen()
         got = testing.free_ports(2)
     assert 20000 not in got and got == sorted(got)
+
+
+def test_wait_http_waits_for_a_ready_answer_and_fails_on_exit_or_timeout():
+    """The test servers' wait: not-yet answers (503, an empty model list) keep it polling; a
+    ready one returns; a server that exits or never answers fails with its output's tail."""
+    import http.server
+    import threading
+
+    from tokenskip.testing import free_ports, lists_models, wait_http
+
+    answers = iter([(503, b"{}"), (200, b'{"data": []}'), (200, b'{"data": [{"id": "m"}]}')])
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            status, body = next(answers, (200, b'{"data": [{"id": "m"}]}'))
+            seen.append(status)
+            self.send_response(status)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    (port,) = free_ports(1)
+    server = http.server.HTTPServer(("127.0.0.1", port), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        wait_http(f"http://127.0.0.1:{port}/v1/models", timeout=30, ready=lists_models, interval=0.05)
+        assert seen[:3] == [503, 200, 200]  # the empty list was not taken as ready
+    finally:
+        server.shutdown()
+        server.server_close()
+    proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    proc.wait()
+    with pytest.raises(RuntimeError, match=r"exited with 3[\s\S]*boot log"):
+        wait_http(f"http://127.0.0.1:{port}/v1/models", proc, 30, output=lambda: "boot log", interval=0.05)
+    with pytest.raises(RuntimeError, match="no ready answer in 1 s"):
+        wait_http(f"http://127.0.0.1:{port}/v1/models", timeout=1, interval=0.1)

@@ -12,7 +12,6 @@ empty table and every budget was answered 400.)
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import shlex
@@ -20,13 +19,12 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tokenskip import card, gamma
-from tokenskip.testing import free_ports
+from tokenskip.testing import free_ports, lists_models, wait_http
 
 pytestmark = pytest.mark.integration
 
@@ -41,20 +39,6 @@ def _env() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
     return env
-
-
-def _wait_models(port: int, proc: subprocess.Popen, log: Path, timeout: float = 420) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5).read()).get("data"):
-                return
-        except (OSError, ValueError, http.client.HTTPException):
-            pass
-        if proc.poll() is not None:
-            pytest.fail(f"tokenskip serve exited with {proc.returncode}:\n{log.read_text()[-5000:]}")
-        time.sleep(2)
-    pytest.fail(f"tokenskip serve did not answer in {timeout} s:\n{log.read_text()[-5000:]}")
 
 
 def _expected(table: dict[float, float], valid: list[float], budget: float) -> tuple[float, bool]:
@@ -112,7 +96,7 @@ def test_pipeline_adapter_served_with_printed_command_routes_budgets(tiny_pipeli
         )
     try:
         t1 = time.time()
-        _wait_models(port, proc, log)
+        wait_http(f"http://127.0.0.1:{port}/v1/models", proc, 420, lists_models, log.read_text, interval=2)
         print(f"[e2e] tokenskip serve ready in {time.time() - t1:.0f} s")
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=300)
         model = summary["serve_model"]

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import signal
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tokenskip.testing import free_ports
+from tokenskip.testing import free_ports, lists_models, wait_http
 
 openai = pytest.importorskip("openai")
 
@@ -55,18 +54,9 @@ def shipped_config(
     return path
 
 
-def _wait_http(url: str, proc: subprocess.Popen | None = None, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if json.loads(urllib.request.urlopen(url, timeout=5).read()).get("data"):
-                return
-        except (OSError, ValueError, http.client.HTTPException):
-            pass
-        if proc is not None and proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}: {proc.stdout.read()[-4000:]}")
-        time.sleep(2)
-    pytest.fail(f"{url} did not answer in {timeout} s")
+def _exited_output(proc: subprocess.Popen):
+    """The server's piped output, read only once it has exited (reading a live pipe blocks)."""
+    return lambda: proc.stdout.read() if proc.poll() is not None else ""
 
 
 def _check_endpoint(port: int, with_adapter: bool, key: str = "x") -> None:
@@ -199,7 +189,7 @@ def test_serve_run_foreground(tiny_llama, tmp_path):
         text=True,
     )
     try:
-        _wait_http(f"http://127.0.0.1:{port}/v1/models", proc)
+        wait_http(f"http://127.0.0.1:{port}/v1/models", proc, 300, lists_models, _exited_output(proc), interval=2)
         _check_endpoint(port, with_adapter=False)
     finally:
         _stop(proc, signal.SIGINT)
@@ -232,7 +222,7 @@ def test_tokenskip_serve_cli(tiny_llama, tmp_path):
         text=True,
     )
     try:
-        _wait_http(f"http://127.0.0.1:{port}/v1/models", proc)
+        wait_http(f"http://127.0.0.1:{port}/v1/models", proc, 300, lists_models, _exited_output(proc), interval=2)
         _check_endpoint(port, with_adapter=False)
     finally:
         assert _stop(proc, signal.SIGTERM) == 0

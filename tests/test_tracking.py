@@ -9,13 +9,13 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tokenskip import tracking
 from tokenskip.config import ConfigError, EvalConfig, PipelineConfig, TrainConfig, load_config
+from tokenskip.testing import wait_http
 
 
 def _client(uri: str):
@@ -173,17 +173,7 @@ def mlflow_server(tmp_path):
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=home)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"mlflow server did not start: {(home / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+        wait_http(url + "/health", proc, 120, output=(home / "server.log").read_text, interval=0.5)
         yield url, home
     finally:
         try:

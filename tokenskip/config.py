@@ -403,6 +403,13 @@ class TrainConfig:
     )
     precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32 | fp16"})
     gradient_checkpointing: bool = False
+    lm_head_positions: str = field(
+        default="labelled",
+        metadata={
+            "help": "labelled: LM head + cross entropy on the completion's positions only (same loss; "
+            "llama / mistral / qwen2 / qwen3, others fall back) | all: transformers' full-sequence logits"
+        },
+    )
     strategy: str = field(default="ddp", metadata={"help": "ddp | deepspeed"})
     zero_stage: int = 3
     offload_optimizer: bool = False
@@ -448,6 +455,7 @@ class TrainConfig:
         _choice(self, "strategy", ("ddp", "deepspeed"))
         _choice(self, "zero_stage", (0, 1, 2, 3))
         _choice(self, "overlong", ("truncate", "drop"))
+        _choice(self, "lm_head_positions", ("labelled", "all"))
         _choice(self, "precision", ("auto", "bf16", "fp32", "fp16"))
         _choice(self, "lr_scheduler", ("cosine", "linear", "constant"))
         if not (0.0 <= self.warmup_ratio < 1.0):

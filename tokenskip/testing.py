@@ -1,12 +1,14 @@
 """Tiny randomly initialised models built from the real embedded tokenizers (seconds, no
 download), for fast tests: a Llama-style causal LM with head dim 64 (vLLM's CPU backend
-rejects head size 16) and a BERT token classifier; and free local ports for test servers.
+rejects head size 16) and a BERT token classifier; free local ports for test servers, and a
+wait for a server to answer.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 from tokenskip import assets
 
@@ -51,6 +53,49 @@ def free_ports(n: int = 1) -> list[int]:
         if len(ports) == n:
             return ports
     raise RuntimeError(f"no {n} free ports on 127.0.0.1 in {lo}-{hi} outside the ephemeral range {eph_lo}-{eph_hi}")
+
+
+def wait_http(
+    url: str,
+    proc=None,
+    timeout: float = 300.0,
+    ready: Callable[[bytes], bool] | None = None,
+    output: Callable[[], str] | None = None,
+    interval: float = 1.0,
+) -> None:
+    """Poll ``url`` until it answers 200 and ``ready(body)`` holds (default: any 200 answer).
+
+    A server still starting refuses, resets, answers 5xx or sends a half response: all of those
+    mean "not yet". Raises ``RuntimeError`` (with the tail of ``output()``) if ``proc`` exits or
+    ``timeout`` seconds pass.
+    """
+    import http.client
+    import time
+    import urllib.request
+
+    def fail(why: str) -> None:
+        tail = output() if output else ""
+        raise RuntimeError(f"{url}: {why}" + (f"\n{tail[-5000:]}" if tail else ""))
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200 and (ready is None or ready(r.read())):
+                    return
+        except (OSError, ValueError, http.client.HTTPException):
+            pass
+        if proc is not None and proc.poll() is not None:
+            fail(f"the server exited with {proc.returncode}")
+        time.sleep(interval)
+    fail(f"no ready answer in {timeout:.0f} s")
+
+
+def lists_models(body: bytes) -> bool:
+    """``ready`` for :func:`wait_http` on ``/v1/models``: at least one model listed."""
+    import json
+
+    return bool(json.loads(body).get("data"))
 
 
 def build_tiny_llama(out_dir: str | os.PathLike, hidden: int = 128, layers: int = 2, seed: int = 0) -> Path:

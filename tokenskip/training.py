@@ -312,6 +312,65 @@ def build_lora_config(
     )
 
 
+# --------------------------------------------------------------------------- loss
+
+# Causal LMs whose forward is exactly ``lm_head(decoder(...).last_hidden_state)`` followed by
+# transformers' mean next-token cross entropy: no logit scaling, soft-capping or auxiliary loss
+# (checked against transformers' own loss in tests/test_training.py). Others keep that loss.
+LABELLED_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
+def labelled_head_supported(model: Any) -> bool:
+    """Whether :func:`completion_loss_module` may project only the labelled positions.
+
+    ``model`` is a (PEFT-wrapped) transformers causal LM.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = getattr(base, "config", None)
+    return (
+        getattr(cfg, "model_type", None) in LABELLED_HEAD_MODEL_TYPES
+        and hasattr(base, "model")
+        and hasattr(base, "lm_head")
+        and not getattr(cfg, "final_logit_softcapping", None)
+        and getattr(cfg, "logits_scaling", 1.0) in (None, 1.0)
+    )
+
+
+def completion_loss_module(model: Any, labelled_head: bool | None = None):
+    """``model`` wrapped so that calling it with ``input_ids, attention_mask, labels`` returns
+    the SFT loss tensor (what DDP / DeepSpeed wrap and call).
+
+    With ``labelled_head`` (default: :func:`labelled_head_supported`) the LM head and the cross
+    entropy run only on the positions whose next token is labelled, i.e. the completion: the
+    prompt (half of a GSM8K row's tokens) never gets its ``[tokens, vocab]`` logits. The loss is
+    transformers' (mean over labelled tokens) to float rounding; the gradient reaches the same
+    LoRA weights. Otherwise the model's own ``.loss`` is returned.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    use_head = labelled_head_supported(model) if labelled_head is None else labelled_head
+
+    class CompletionLoss(torch.nn.Module):
+        labelled_head = use_head
+
+        def __init__(self, inner) -> None:
+            super().__init__()
+            self.model = inner
+
+        def forward(self, input_ids, attention_mask, labels):
+            if not self.labelled_head:
+                return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+            base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            hidden = base.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            target = labels[:, 1:]
+            keep = target != IGNORE_INDEX
+            logits = base.lm_head(hidden[:, :-1][keep]).float()
+            return F.cross_entropy(logits, target[keep], ignore_index=IGNORE_INDEX)
+
+    return CompletionLoss(model)
+
+
 # --------------------------------------------------------------------------- DeepSpeed
 
 
