@@ -61,6 +61,17 @@ def test_fingerprint_refuses_a_changed_config(tmp_path):
     assert A.skip_if_finished(stage, config=other) is None
 
 
+def test_settings_that_change_speed_not_output_are_not_fingerprinted():
+    """A finished prune or train stage is reused when only its actor threads or the LM-head
+    path change; a setting that changes the output still counts."""
+    from tokenskip.config import PruneConfig, TrainConfig
+
+    fp = A.config_fingerprint
+    assert fp(PruneConfig(num_cpus=2)) == fp(PruneConfig(num_cpus=1))
+    assert fp(TrainConfig(lm_head_positions="all")) == fp(TrainConfig(lm_head_positions="labelled"))
+    assert fp(TrainConfig(learning_rate=1e-3)) != fp(TrainConfig(learning_rate=1e-4))
+
+
 def test_fingerprint_unfinished_stage_resumes_only_with_a_new_limit(tmp_path):
     stage = tmp_path / "s"
     assert A.skip_if_finished(stage, config={"model": "m", "data": {"limit": 4}}) is None

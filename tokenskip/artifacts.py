@@ -63,6 +63,7 @@ OPERATIONAL_KEYS = frozenset(
         "checkpoint_every",
         "num_to_keep",
         "log_every",
+        "lm_head_positions",  # the same loss either way (to float rounding), only faster
         "scaling",
         "max_reject_share",
         "tracking",

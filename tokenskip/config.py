@@ -245,7 +245,13 @@ class PruneConfig:
     model_batch_size: int = field(default=16, metadata={"help": "chunks per forward pass (length-sorted)"})
     batch_size: int = field(default=64, metadata={"help": "rows per Ray Data batch"})
     concurrency: int = field(default=1, metadata={"help": "actors in the pool"})
-    num_cpus: float = 1.0
+    num_cpus: float = field(
+        default=1.0,
+        metadata={
+            "help": "CPUs per actor; Ray gives the actor that many threads (OMP_NUM_THREADS), so a CPU scorer "
+            "alone on a node runs fastest with its cores here"
+        },
+    )
     num_gpus: float = 0.0
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     format: str = field(default="parquet", metadata={"help": "output data file: parquet | jsonl"})
