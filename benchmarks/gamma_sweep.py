@@ -245,7 +245,14 @@ def train(model_path: str, tok, rows: list[dict], v: dict, a, device: str) -> tu
     from transformers import AutoModelForCausalLM
 
     from tokenskip import prompt
-    from tokenskip.training import Collator, build_lora_config, length_grouped_order, lr_factor, tokenize_pair
+    from tokenskip.training import (
+        Collator,
+        build_lora_config,
+        completion_loss_module,
+        length_grouped_order,
+        lr_factor,
+        tokenize_pair,
+    )
 
     torch.manual_seed(a.seed)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
@@ -285,6 +292,7 @@ def train(model_path: str, tok, rows: list[dict], v: dict, a, device: str) -> tu
     opt = torch.optim.AdamW(params, lr=v["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     collate = Collator(pad)
+    sft_loss = completion_loss_module(model)  # the trainer's loss: the LM head on the labelled positions
     model.train()
     step, real, processed, losses, terms = 0, 0, 0, [], []
     kind_terms: dict[str, list[float]] = {"value": [], "marker": []}
@@ -327,7 +335,7 @@ def train(model_path: str, tok, rows: list[dict], v: dict, a, device: str) -> tu
                     if at is not None:
                         fork_nll[key].append(at)
             else:
-                loss = sft = model(**batch).loss
+                loss = sft = sft_loss(**batch)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
