@@ -320,12 +320,17 @@ def build_lora_config(
 LABELLED_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
 
+def _causal_lm(model: Any) -> Any:
+    """The transformers causal LM inside a PEFT wrapper (LoRA layers are injected in place), or ``model``."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def labelled_head_supported(model: Any) -> bool:
     """Whether :func:`completion_loss_module` may project only the labelled positions.
 
     ``model`` is a (PEFT-wrapped) transformers causal LM.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _causal_lm(model)
     cfg = getattr(base, "config", None)
     return (
         getattr(cfg, "model_type", None) in LABELLED_HEAD_MODEL_TYPES
@@ -361,12 +366,12 @@ def completion_loss_module(model: Any, labelled_head: bool | None = None):
         def forward(self, input_ids, attention_mask, labels):
             if not self.labelled_head:
                 return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-            base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            base = _causal_lm(self.model)
             hidden = base.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             target = labels[:, 1:]
             keep = target != IGNORE_INDEX
             logits = base.lm_head(hidden[:, :-1][keep]).float()
-            return F.cross_entropy(logits, target[keep], ignore_index=IGNORE_INDEX)
+            return F.cross_entropy(logits, target[keep])  # mean over the labelled tokens, as transformers
 
     return CompletionLoss(model)
 
