@@ -57,3 +57,40 @@ def test_small_model_engine_runs_in_process_unless_told_otherwise(cpu, monkeypat
     monkeypatch.setattr(engine, "on_gpu", lambda: True)
     monkeypatch.delenv(engine.MP_ENV)
     assert not engine.runs_in_process(engine.engine_kwargs_for(_model_dir(tmp_path, "small2", 1000)))
+
+
+
+@pytest.mark.parametrize("bind, want", [("0-1", 2), ("nobind", 1)])
+def test_in_process_engine_in_a_ray_task_gets_the_bound_cpus_not_rays_one_thread(ray_local, tiny_llama, bind, want):
+    """A num_cpus=1 Ray task has OMP_NUM_THREADS=1 (Ray sets it), as the evaluate stage's task and a
+    `ray job submit` driver do. vLLM's Worker process would get the CPUs of VLLM_CPU_OMP_THREADS_BIND;
+    an engine run in the task's own process must too (it decoded on one thread: 1.6-1.7x slower,
+    benchmarks/engine_threads.py). ``nobind`` leaves Ray's setting, as vLLM leaves its Worker's."""
+
+    @ray_local.remote(num_cpus=1, max_calls=1)  # defined here: pickled by value (tests/ is not importable there)
+    def threads_in_task(model: str, bind: str) -> tuple[int, int, str]:
+        import os
+
+        import torch
+
+        from tokenskip import engine
+
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
+        before = torch.get_num_threads()
+        llm = engine.build_llm(model)
+        text = engine.generate(llm, [{"prompt_token_ids": [1, 2, 3]}], engine.sampling_params(4))[0].text
+        after = torch.get_num_threads()
+        engine.close_llm(llm)
+        return before, after, text
+
+    before, after, text = ray_local.get(threads_in_task.remote(tiny_llama, bind))
+    assert before == 1  # what Ray gave the task
+    assert after == want
+    assert isinstance(text, str)
+
+
+def test_bound_cpus_reads_vllms_bind_syntax():
+    assert engine.bound_cpus("0-1") == 2 and engine.bound_cpus("3") == 1
+    assert engine.bound_cpus("0-1,4-5|6-9") == 4  # rank 0's list
+    assert engine.bound_cpus("nobind") is None
+    assert engine.bound_cpus("auto") >= 1
