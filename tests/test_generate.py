@@ -458,5 +458,10 @@ def test_ray_data_llm_pipeline_renders_each_prompt_once(tiny_llama, ray_local):
     while "vLLMEngineStageUDF" not in op.name:
         op = op.input_dependencies[0]
     assert op.fn_constructor_kwargs["max_pending_requests"] == 7  # generate.max_pending_requests reaches the engine
+    # A small model on CPU: its EngineCore runs the model itself, on the bound CPUs, not Ray's 1 thread.
+    from tokenskip import engine
+
+    env = op.ray_remote_args["runtime_env"]["env_vars"]
+    assert env[engine.MP_ENV] == "0" and env["OMP_NUM_THREADS"] == str(engine.bound_cpus())
     with pytest.raises(Exception, match="max_pending_requests"):
         GenerateConfig(max_pending_requests=0)

@@ -186,6 +186,23 @@ def _set_engine_threads() -> None:
         torch.set_num_threads(want)
 
 
+def in_process_env(kw: dict) -> dict[str, str]:
+    """Environment for a Ray actor whose async engine (``ray.data.llm``) should run the model the way
+    :func:`build_llm` runs a small CPU model (:func:`runs_in_process` on ``kw``): in vLLM's EngineCore
+    process itself (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: the ``uni`` executor, no Worker process to
+    spawn), on the CPUs of ``VLLM_CPU_OMP_THREADS_BIND`` (``OMP_NUM_THREADS``; Ray would give a 1-CPU
+    actor 1). Empty otherwise, and for ``nobind``: vLLM's default processes.
+
+    An async engine always has its EngineCore process; this saves the Worker's: the generate stage's
+    engine start 48.2 -> 30.3 s and 57.2 -> 40.7 s on 2 CPUs, decode the same within noise
+    (benchmarks/RESULTS.md, Generation).
+    """
+    threads = bound_cpus()
+    if not threads or not runs_in_process(kw):
+        return {}
+    return {MP_ENV: "0", "OMP_NUM_THREADS": str(threads)}
+
+
 def build_llm(model: str, engine_kwargs: dict | None = None, **kwargs: Any):
     """A ``vllm.LLM`` for ``model`` (embedded name, hub id or path); in this process for small
     models on CPU (:func:`runs_in_process`), with the threads vLLM's worker process would have
