@@ -64,7 +64,7 @@ def test_small_model_engine_runs_in_process_unless_told_otherwise(cpu, monkeypat
 def test_in_process_engine_in_a_ray_task_gets_the_bound_cpus_not_rays_one_thread(ray_local, tiny_llama, bind, want):
     """A num_cpus=1 Ray task has OMP_NUM_THREADS=1 (Ray sets it), as the evaluate stage's task and a
     `ray job submit` driver do. vLLM's Worker process would get the CPUs of VLLM_CPU_OMP_THREADS_BIND;
-    an engine run in the task's own process must too (it decoded on one thread: 1.6-1.7x slower,
+    an engine run in the task's own process must too (it decoded on one thread:
     benchmarks/engine_threads.py). ``nobind`` leaves Ray's setting, as vLLM leaves its Worker's."""
 
     @ray_local.remote(num_cpus=1, max_calls=1)  # defined here: pickled by value (tests/ is not importable there)

