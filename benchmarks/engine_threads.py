@@ -9,9 +9,9 @@ to decode on one thread wherever the evaluate stage ran as a Ray task (``placeme
 multiprocess executor gives its Worker the CPUs of ``VLLM_CPU_OMP_THREADS_BIND`` (all cores here).
 
 Both configurations run the same way, alternating, each in a fresh ``num_cpus=1`` Ray task:
-  inherited   ``VLLM_CPU_OMP_THREADS_BIND=nobind``: ``build_llm`` leaves the threads as Ray set them
-              (the behaviour before it set them);
-  bound       the default: the CPUs of ``VLLM_CPU_OMP_THREADS_BIND``, as vLLM's Worker.
+  inherited   the task as Ray starts it (the behaviour before: Ray's ``OMP_NUM_THREADS`` = 1);
+  bound       the task started with ``engine.runtime_env_for`` (what the evaluate task and the
+              ``vllm_udf`` actors now get): the CPUs of ``VLLM_CPU_OMP_THREADS_BIND``, as vLLM's Worker.
 Per run: the evaluate stage's batch (GSM8K test prompts as token ids, greedy, the quickstart's
 30 × 256 tokens by default) after a short warm-up; it prints generated tokens/s per run, bound /
 inherited side by side, and whether both produced the same tokens.
@@ -74,11 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.common import init_ray
 
     init_ray({"num_cpus": os.cpu_count()})
+    from tokenskip import engine
+
     task = ray.remote(num_cpus=1, max_calls=1)(decode)  # a fresh worker process per run
+    bound_env = engine.runtime_env_for(engine.engine_kwargs_for(a.model))  # what the stages give theirs
     runs: dict[str, list[dict]] = {"inherited": [], "bound": []}
     for _ in range(a.repeat):
         for name, bind in (("inherited", "nobind"), ("bound", None)):
-            r = ray.get(task.remote(a.model, a.n, a.max_tokens, bind))
+            t = task.options(runtime_env=bound_env) if name == "bound" and bound_env else task
+            r = ray.get(t.remote(a.model, a.n, a.max_tokens, bind))
             runs[name].append(r)
             print(f"{name:9s} threads {r['threads_before']} -> {r['threads_decoding']}: "
                   f"{r['generated_tokens']} tokens in {r['decode_s']} s = {r['tokens_per_s']} tok/s", flush=True)

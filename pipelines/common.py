@@ -49,3 +49,20 @@ def init_ray(ray_kwargs: dict[str, Any] | None = None, force_local: bool = False
         kwargs.setdefault("_node_ip_address", "127.0.0.1")
         ray.init(address="local", **kwargs)
     log.info("ray resources: %s", ray.cluster_resources())
+
+
+def job_env_vars() -> dict[str, str]:
+    """The env_vars of the job's own runtime_env (a task's or actor's runtime_env must not set them
+    again: Ray refuses to merge a conflict)."""
+    import ray
+
+    return dict((ray.get_runtime_context().runtime_env or {}).get("env_vars") or {})
+
+
+def engine_runtime_env(kw: dict, base: dict | None = None) -> dict | None:
+    """The runtime_env for a Ray task or actor that builds a vLLM engine from ``kw``
+    (``engine.engine_kwargs_for``): a small CPU model's in-process engine gets the bound CPUs'
+    threads at the process's start (``engine.runtime_env_for``), the job's own values win."""
+    from tokenskip import engine
+
+    return engine.runtime_env_for(kw, base, job_env_vars())

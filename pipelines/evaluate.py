@@ -150,6 +150,19 @@ def _use_ray(cfg: EvalConfig) -> bool:
     return bool(os.environ.get("RAY_ADDRESS")) or cfg.num_gpus > 0
 
 
+def _task_options(cfg: EvalConfig) -> dict:
+    """Ray options of the evaluation task: its resources, and for a small CPU model (whose engine runs
+    in the task's process) the threads vLLM's Worker would have (``pipelines.common.engine_runtime_env``)."""
+    from pipelines.common import engine_runtime_env
+    from tokenskip.engine import engine_kwargs_for
+
+    opts: dict = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus}
+    env = None if cfg.num_gpus else engine_runtime_env(engine_kwargs_for(cfg.model, cfg.engine_kwargs, seed=cfg.seed))
+    if env:
+        opts["runtime_env"] = env
+    return opts
+
+
 def run_evaluate(cfg: EvalConfig, force: bool = False) -> dict:
     """Evaluate and return the manifest (an existing finished run is returned as is)."""
     validate(cfg)
@@ -171,7 +184,7 @@ def _run_evaluate(cfg: EvalConfig, out: Path, force: bool) -> dict:
     if _use_ray(cfg):
         import ray  # joins the Ray the caller started (ray_jobs.runner), or the job's cluster
 
-        task = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)(evaluate_body)
+        task = ray.remote(**_task_options(cfg))(evaluate_body)
         log.info("running the evaluation in a Ray task (num_gpus=%s, num_cpus=%s)", cfg.num_gpus, cfg.num_cpus)
         return ray.get(task.remote(cfg))
     return evaluate_body(cfg)

@@ -322,9 +322,9 @@ def _ray_data_llm_generate(ds, cfg: GenerateConfig, max_new_tokens: int):
             pg = {"bundles": [{"CPU": cfg.num_cpus or 1}]}  # its default bundles ask for a GPU
         engine.cpu_env_defaults()
         # Only keys the job's own runtime_env does not set: Ray refuses to merge a conflict.
-        import ray
+        from pipelines.common import job_env_vars
 
-        job_env = (ray.get_runtime_context().runtime_env or {}).get("env_vars") or {}
+        job_env = job_env_vars()
         env = {**engine.cpu_env_vars(), **engine.in_process_env(kw)}
         env_vars = {k: v for k, v in env.items() if k not in job_env}
         runtime_env = {"env_vars": env_vars} if env_vars else None
@@ -395,6 +395,10 @@ def build_dataset(questions: list[dict], cfg: GenerateConfig, backend: str | Non
         compute=ray.data.ActorPoolStrategy(size=1),
     )
     if backend == "vllm_udf":
+        from pipelines.common import engine_runtime_env
+
+        # A small CPU model's engine runs in the actor's process: the bound CPUs' threads from its start.
+        remote_env = engine_runtime_env(engine.engine_kwargs_for(cfg.model, cfg.engine_kwargs, seed=cfg.seed))
         ds = ds.map_batches(
             VLLMGenerateUDF,
             fn_constructor_kwargs={
@@ -409,6 +413,7 @@ def build_dataset(questions: list[dict], cfg: GenerateConfig, backend: str | Non
             num_cpus=cfg.num_cpus,
             num_gpus=cfg.num_gpus,
             compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+            **({"runtime_env": remote_env} if remote_env else {}),
         )
     elif backend == "ray_data_llm":
         ds = _ray_data_llm_generate(ds, cfg, max_new)

@@ -104,7 +104,10 @@ class TokenSkipModelImpl:
                                         enable_lora=True, max_lora_rank=self.cfg.max_lora_rank)
         kw.setdefault("disable_log_stats", True)
         self.engine_kwargs = kw
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kw))
+        # A small CPU model runs in the EngineCore process the engine spawns, on the bound CPUs (no
+        # Worker process to start; the replica's own OMP_NUM_THREADS is Ray's num_cpus).
+        with tsengine.spawn_env(tsengine.in_process_env(kw)):
+            self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kw))
         self.tokenizer = AutoTokenizer.from_pretrained(kw["model"])
         self.max_model_len = int(self.engine.model_config.max_model_len)
         self.resolver = AdapterResolver(self.cfg)

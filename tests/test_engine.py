@@ -61,32 +61,48 @@ def test_small_model_engine_runs_in_process_unless_told_otherwise(cpu, monkeypat
 
 
 @pytest.mark.parametrize("bind, want", [("0-1", 2), ("nobind", 1)])
-def test_in_process_engine_in_a_ray_task_gets_the_bound_cpus_not_rays_one_thread(ray_local, tiny_llama, bind, want):
-    """A num_cpus=1 Ray task has OMP_NUM_THREADS=1 (Ray sets it), as the evaluate stage's task and a
-    `ray job submit` driver do. vLLM's Worker process would get the CPUs of VLLM_CPU_OMP_THREADS_BIND;
-    an engine run in the task's own process must too (it decoded on one thread:
-    benchmarks/engine_threads.py). ``nobind`` leaves Ray's setting, as vLLM leaves its Worker's."""
+def test_in_process_engine_in_a_ray_task_gets_the_bound_cpus_not_rays_one_thread(
+    ray_local, tiny_llama, monkeypatch, bind, want
+):
+    """A num_cpus=1 Ray task has OMP_NUM_THREADS=1 (Ray sets it), as the evaluate stage's task and the
+    vllm_udf backend's actors do. vLLM's Worker process would get the CPUs of VLLM_CPU_OMP_THREADS_BIND;
+    an engine run in the task's own process gets them from engine.runtime_env_for (it decoded on one
+    thread: benchmarks/engine_threads.py), and decodes with them. ``nobind`` leaves Ray's setting, as
+    vLLM leaves its Worker's."""
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", bind)
+    runtime_env = engine.runtime_env_for(engine.engine_kwargs_for(tiny_llama))
 
     @ray_local.remote(num_cpus=1, max_calls=1)  # defined here: pickled by value (tests/ is not importable there)
-    def threads_in_task(model: str, bind: str) -> tuple[int, int, str]:
-        import os
-
+    def threads_in_task(model: str) -> tuple[int, str]:
         import torch
 
         from tokenskip import engine
 
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
-        before = torch.get_num_threads()
         llm = engine.build_llm(model)
         text = engine.generate(llm, [{"prompt_token_ids": [1, 2, 3]}], engine.sampling_params(4))[0].text
-        after = torch.get_num_threads()
         engine.close_llm(llm)
-        return before, after, text
+        return torch.get_num_threads(), text
 
-    before, after, text = ray_local.get(threads_in_task.remote(tiny_llama, bind))
-    assert before == 1  # what Ray gave the task
-    assert after == want
+    task = threads_in_task.options(runtime_env=runtime_env) if runtime_env else threads_in_task
+    threads, text = ray_local.get(task.remote(tiny_llama))
+    assert threads == want
     assert isinstance(text, str)
+
+
+def test_evaluate_task_and_vllm_udf_actors_get_the_bound_cpus(cpu, monkeypatch, tiny_llama, ray_local):
+    from pipelines.evaluate import _task_options
+    from pipelines.generate import build_dataset
+    from tokenskip.config import EvalConfig, GenerateConfig
+
+    monkeypatch.delenv(engine.MP_ENV, raising=False)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+    opts = _task_options(EvalConfig(model=tiny_llama, output_dir="unused"))
+    assert opts["num_cpus"] == 1 and opts["runtime_env"]["env_vars"]["OMP_NUM_THREADS"] == "2"
+    cfg = GenerateConfig(model=tiny_llama, max_new_tokens=8, max_prompt_tokens=64, backend="vllm_udf")
+    op = build_dataset([{"id": "a", "question": "1+1?", "gold": "2", "kind": "gsm8k"}], cfg)._logical_plan.dag
+    while "VLLMGenerateUDF" not in op.name:
+        op = op.input_dependencies[0]
+    assert op.ray_remote_args["runtime_env"]["env_vars"]["OMP_NUM_THREADS"] == "2"
 
 
 def test_bound_cpus_reads_vllms_bind_syntax():

