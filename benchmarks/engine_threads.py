@@ -10,7 +10,7 @@ multiprocess executor gives its Worker the CPUs of ``VLLM_CPU_OMP_THREADS_BIND``
 
 Both configurations run the same way, alternating, each in a fresh ``num_cpus=1`` Ray task:
   inherited   the task as Ray starts it (the behaviour before: Ray's ``OMP_NUM_THREADS`` = 1);
-  bound       the task started with ``engine.runtime_env_for`` (what the evaluate task and the
+  bound       the task started with ``engine.in_process_threads_env`` (what the evaluate task and the
               ``vllm_udf`` actors now get): the CPUs of ``VLLM_CPU_OMP_THREADS_BIND``, as vLLM's Worker.
 Per run: the evaluate stage's batch (GSM8K test prompts as token ids, greedy, the quickstart's
 30 × 256 tokens by default) after a short warm-up; it prints generated tokens/s per run, bound /
@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     from tokenskip import engine
 
     task = ray.remote(num_cpus=1, max_calls=1)(decode)  # a fresh worker process per run
-    bound_env = engine.runtime_env_for(engine.engine_kwargs_for(a.model))  # what the stages give theirs
+    env = engine.in_process_threads_env(engine.engine_kwargs_for(a.model))  # what the stages give theirs
+    bound_env = {"env_vars": env} if env else None
     runs: dict[str, list[dict]] = {"inherited": [], "bound": []}
     for _ in range(a.repeat):
         for name, bind in (("inherited", "nobind"), ("bound", None)):

@@ -51,18 +51,11 @@ def init_ray(ray_kwargs: dict[str, Any] | None = None, force_local: bool = False
     log.info("ray resources: %s", ray.cluster_resources())
 
 
-def job_env_vars() -> dict[str, str]:
-    """The env_vars of the job's own runtime_env (a task's or actor's runtime_env must not set them
-    again: Ray refuses to merge a conflict)."""
+def runtime_env_with(env: dict[str, str]) -> dict | None:
+    """A task's or actor's runtime_env setting ``env``, less the keys the job's own runtime_env sets
+    (Ray refuses to merge a conflict; the job's value wins); None when nothing is left."""
     import ray
 
-    return dict((ray.get_runtime_context().runtime_env or {}).get("env_vars") or {})
-
-
-def engine_runtime_env(kw: dict, base: dict | None = None) -> dict | None:
-    """The runtime_env for a Ray task or actor that builds a vLLM engine from ``kw``
-    (``engine.engine_kwargs_for``): a small CPU model's in-process engine gets the bound CPUs'
-    threads at the process's start (``engine.runtime_env_for``), the job's own values win."""
-    from tokenskip import engine
-
-    return engine.runtime_env_for(kw, base, job_env_vars())
+    job_env = (ray.get_runtime_context().runtime_env or {}).get("env_vars") or {}
+    env_vars = {k: v for k, v in env.items() if k not in job_env}
+    return {"env_vars": env_vars} if env_vars else None

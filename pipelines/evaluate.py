@@ -152,12 +152,13 @@ def _use_ray(cfg: EvalConfig) -> bool:
 
 def _task_options(cfg: EvalConfig) -> dict:
     """Ray options of the evaluation task: its resources, and for a small CPU model (whose engine runs
-    in the task's process) the threads vLLM's Worker would have (``pipelines.common.engine_runtime_env``)."""
-    from pipelines.common import engine_runtime_env
-    from tokenskip.engine import engine_kwargs_for
+    in the task's process) the threads vLLM's Worker would have (``engine.in_process_threads_env``)."""
+    from pipelines.common import runtime_env_with
+    from tokenskip.engine import engine_kwargs_for, in_process_threads_env
 
     opts: dict = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus}
-    env = None if cfg.num_gpus else engine_runtime_env(engine_kwargs_for(cfg.model, cfg.engine_kwargs, seed=cfg.seed))
+    kw = None if cfg.num_gpus else engine_kwargs_for(cfg.model, cfg.engine_kwargs, seed=cfg.seed)
+    env = runtime_env_with(in_process_threads_env(kw)) if kw else None
     if env:
         opts["runtime_env"] = env
     return opts

@@ -321,13 +321,9 @@ def _ray_data_llm_generate(ds, cfg: GenerateConfig, max_new_tokens: int):
         if pg is None:
             pg = {"bundles": [{"CPU": cfg.num_cpus or 1}]}  # its default bundles ask for a GPU
         engine.cpu_env_defaults()
-        # Only keys the job's own runtime_env does not set: Ray refuses to merge a conflict.
-        from pipelines.common import job_env_vars
+        from pipelines.common import runtime_env_with
 
-        job_env = job_env_vars()
-        env = {**engine.cpu_env_vars(), **engine.in_process_env(kw)}
-        env_vars = {k: v for k, v in env.items() if k not in job_env}
-        runtime_env = {"env_vars": env_vars} if env_vars else None
+        runtime_env = runtime_env_with({**engine.cpu_env_vars(), **engine.in_process_env(kw)})
     proc_cfg = vLLMEngineProcessorConfig(
         model_source=model,
         engine_kwargs=kw,
@@ -395,10 +391,11 @@ def build_dataset(questions: list[dict], cfg: GenerateConfig, backend: str | Non
         compute=ray.data.ActorPoolStrategy(size=1),
     )
     if backend == "vllm_udf":
-        from pipelines.common import engine_runtime_env
+        from pipelines.common import runtime_env_with
 
         # A small CPU model's engine runs in the actor's process: the bound CPUs' threads from its start.
-        remote_env = engine_runtime_env(engine.engine_kwargs_for(cfg.model, cfg.engine_kwargs, seed=cfg.seed))
+        kw = engine.engine_kwargs_for(cfg.model, cfg.engine_kwargs, seed=cfg.seed)
+        remote_env = runtime_env_with(engine.in_process_threads_env(kw))
         ds = ds.map_batches(
             VLLMGenerateUDF,
             fn_constructor_kwargs={

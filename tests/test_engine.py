@@ -66,11 +66,11 @@ def test_in_process_engine_in_a_ray_task_gets_the_bound_cpus_not_rays_one_thread
 ):
     """A num_cpus=1 Ray task has OMP_NUM_THREADS=1 (Ray sets it), as the evaluate stage's task and the
     vllm_udf backend's actors do. vLLM's Worker process would get the CPUs of VLLM_CPU_OMP_THREADS_BIND;
-    an engine run in the task's own process gets them from engine.runtime_env_for (it decoded on one
+    an engine run in the task's own process gets them from engine.in_process_threads_env (it decoded on one
     thread: benchmarks/engine_threads.py), and decodes with them. ``nobind`` leaves Ray's setting, as
     vLLM leaves its Worker's."""
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", bind)
-    runtime_env = engine.runtime_env_for(engine.engine_kwargs_for(tiny_llama))
+    env = engine.in_process_threads_env(engine.engine_kwargs_for(tiny_llama))
 
     @ray_local.remote(num_cpus=1, max_calls=1)  # defined here: pickled by value (tests/ is not importable there)
     def threads_in_task(model: str) -> tuple[int, str]:
@@ -83,7 +83,7 @@ def test_in_process_engine_in_a_ray_task_gets_the_bound_cpus_not_rays_one_thread
         engine.close_llm(llm)
         return torch.get_num_threads(), text
 
-    task = threads_in_task.options(runtime_env=runtime_env) if runtime_env else threads_in_task
+    task = threads_in_task.options(runtime_env={"env_vars": env}) if env else threads_in_task
     threads, text = ray_local.get(task.remote(tiny_llama))
     assert threads == want
     assert isinstance(text, str)

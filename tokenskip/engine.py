@@ -178,21 +178,6 @@ def in_process_threads_env(kw: dict) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(threads)}
 
 
-def runtime_env_for(kw: dict, base: dict | None = None, job_env: dict | None = None) -> dict | None:
-    """``base`` (a Ray runtime_env) with :func:`in_process_threads_env` added to its ``env_vars``, leaving
-    out what ``job_env`` (the job's own env_vars) sets: Ray refuses to merge a conflict, and the job's
-    value wins. None when there is nothing to add to an empty ``base``.
-
-    >>> runtime_env_for({"enforce_eager": True, "distributed_executor_backend": "mp"}) is None
-    True
-    """
-    env = {k: v for k, v in in_process_threads_env(kw).items() if k not in (job_env or {})}
-    out = dict(base or {})
-    if env:
-        out["env_vars"] = {**out.get("env_vars", {}), **env}
-    return out or None
-
-
 def in_process_env(kw: dict) -> dict[str, str]:
     """Environment for a Ray actor whose async engine (``ray.data.llm``) should run the model the way
     :func:`build_llm` runs a small CPU model (:func:`runs_in_process` on ``kw``): in vLLM's EngineCore
@@ -209,7 +194,7 @@ def in_process_env(kw: dict) -> dict[str, str]:
 
 def _warn_if_few_threads() -> None:
     """A log line when this process decodes on fewer threads than vLLM's Worker would (a Ray task
-    started without :func:`runtime_env_for`, a ``ray job submit`` driver): it cannot be raised here."""
+    started without :func:`in_process_threads_env`, a ``ray job submit`` driver): it cannot be raised here."""
     import torch
 
     want = bound_cpus()
@@ -219,7 +204,7 @@ def _warn_if_few_threads() -> None:
         logging.getLogger(__name__).warning(
             "the in-process vLLM engine decodes on %d of the %d CPUs of VLLM_CPU_OMP_THREADS_BIND (OMP_NUM_THREADS=%s "
             "in this process; Ray sets it to a task's num_cpus): start the process with OMP_NUM_THREADS=%d "
-            "(tokenskip.engine.runtime_env_for), or run the evaluation as a Ray task (evaluate.placement: ray)",
+            "(tokenskip.engine.in_process_threads_env), or run the evaluation as a Ray task (evaluate.placement: ray)",
             torch.get_num_threads(),
             want,
             os.environ.get("OMP_NUM_THREADS"),
@@ -253,7 +238,8 @@ def spawn_env(env: dict[str, str]) -> Iterator[None]:
 def build_llm(model: str, engine_kwargs: dict | None = None, **kwargs: Any):
     """A ``vllm.LLM`` for ``model`` (embedded name, hub id or path); in this process for small
     models on CPU (:func:`runs_in_process`; in a Ray task or actor, start it with
-    :func:`runtime_env_for` so it gets the CPUs vLLM's Worker would). Release it with :func:`close_llm`."""
+    :func:`in_process_threads_env` in its env so it gets the CPUs vLLM's Worker would). Release
+    it with :func:`close_llm`."""
     cpu_env_defaults()
     from vllm import LLM
 
