@@ -76,6 +76,7 @@ QUICKSTART = dict(
     full=False,
     fork_weight=None,
     fork_on="fork",  # what fork_weight weights: "fork" (every fork) or "value_fork" (those the value decides)
+    fork_from=0.0,  # share of the steps trained unweighted before fork_weight applies (0: from the start)
 )
 VARIANTS: dict[str, dict] = {
     "base": {},
@@ -124,6 +125,15 @@ VARIANTS: dict[str, dict] = {
     "trunc_fork20_ep3": {"targets": "truncated", "fork_weight": 20.0, "epochs": 3.0},
     # ...which taught "marked -> stop early" at both γ: weight only the forks between the 0.7 and 0.5 targets
     "trunc_vfork20_ep3": {"targets": "truncated", "fork_weight": 20.0, "fork_on": "value_fork", "epochs": 3.0},
+    # ...which left the value forks unfitted too: the weight ramped in only once the targets are fitted
+    # (two plain epochs, then the value forks x 20 for the third)
+    "trunc_vfork20_ramp_ep3": {
+        "targets": "truncated",
+        "fork_weight": 20.0,
+        "fork_on": "value_fork",
+        "epochs": 3.0,
+        "fork_from": 2 / 3,
+    },
 }
 
 
@@ -286,6 +296,7 @@ def train(model_path: str, tok, rows: list[dict], v: dict, a, device: str) -> tu
         # per example, the positions flagged (fork, value fork); the weights are derived per batch
         at_fork = [{"fork": set(f), "value_fork": set(vf)} for f, vf in zip(forks, value_forks)]
     fork_nll: dict[str, list[float]] = {"fork": [], "value_fork": []}
+    fork_steps: dict[str, list[int]] = {"fork": [], "value_fork": []}  # the step of each fork_nll entry
     per_epoch = math.ceil(len(exs) / a.batch)
     total = max(1, round(per_epoch * v["epochs"]))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -328,12 +339,14 @@ def train(model_path: str, tok, rows: list[dict], v: dict, a, device: str) -> tu
                 }
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 nll, mask = token_nll(logits, batch["labels"])
-                loss = weighted_loss(nll, mask, 1.0 + (v["fork_weight"] - 1.0) * flags[v["fork_on"]].float())
+                w = v["fork_weight"] if step >= round(v["fork_from"] * total) else 1.0
+                loss = weighted_loss(nll, mask, 1.0 + (w - 1.0) * flags[v["fork_on"]].float())
                 sft = (nll * mask).sum().detach() / mask.sum().clamp(min=1)
                 for key, where in flags.items():
                     at = masked_mean(nll.detach(), mask, where)
                     if at is not None:
                         fork_nll[key].append(at)
+                        fork_steps[key].append(step)
             else:
                 loss = sft = sft_loss(**batch)
             loss.backward()
@@ -365,10 +378,14 @@ def train(model_path: str, tok, rows: list[dict], v: dict, a, device: str) -> tu
         stats["value_fork_tokens"] = sum(len(f) for f in value_forks)
         # the NLL at the fork tokens per step (the batch's mean), first / last 5 steps; at the value forks
         # ln 2 ≈ 0.69 is a model that splits its bet between the two marked targets (the value not used)
+        ramp = round(v["fork_from"] * total)
         for key, vals in fork_nll.items():
             if vals:
                 stats[f"{key}_nll_first"] = round(statistics.mean(vals[:5]), 4)
                 stats[f"{key}_nll_last"] = round(statistics.mean(vals[-5:]), 4)
+                before = [x for x, st in zip(vals, fork_steps[key]) if st < ramp]
+                if ramp and before:  # the last 5 steps before the weight applies
+                    stats[f"{key}_nll_before_weight"] = round(statistics.mean(before[-5:]), 4)
     # the term per step (mean of its rows) over the first / last 5 steps, and by kind of pair over the
     # first / last 40 rows of each: both prompts marked (the value alone), or one unmarked (the marker's presence)
     for key, vals, n in (("contrast", terms, 5), *((f"contrast_{k}", ts, 40) for k, ts in kind_terms.items())):

@@ -296,3 +296,22 @@ def test_fork_weight_variant_trains_and_reports_the_nll_at_the_forks(tiny_llama,
     assert tr["value_fork_nll_first"] > 0 and tr["value_fork_nll_last"] > 0
     # same rows, seed and first batch; the weights differ, so the steps after the first do
     assert vtr["fork_tokens"] == tr["fork_tokens"] and vtr["loss_first"] != tr["loss_first"]
+
+
+def test_fork_weight_ramped_in_leaves_the_steps_before_it_unweighted(tiny_llama, tmp_path, monkeypatch):
+    # 9 rows, batch 4: 3 steps per epoch, 4 epochs = 12 steps; the weight applies from step 6 on
+    plain = {"targets": "truncated", "fork_weight": 1.0, "fork_on": "value_fork", "epochs": 4.0}
+    monkeypatch.setitem(gamma_sweep.VARIANTS, "plain_t", plain)
+    monkeypatch.setitem(gamma_sweep.VARIANTS, "ramp_t", {**plain, "fork_weight": 20.0, "fork_from": 0.5})
+    out = tmp_path / "ramp.json"
+    args = ["--sft", _sft(tmp_path / "train.parquet"), "--model", tiny_llama, "--device", "cpu"]
+    args += ["--variants", "plain_t", "ramp_t", "--eval-n", "1", "--max-new-tokens", "2", "--probe-n", "0"]
+    assert gamma_sweep.main([*args, "--batch", "4", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())["variants"]
+    p, r = res["plain_t"]["train"], res["ramp_t"]["train"]
+    assert p["steps"] == r["steps"] == 12
+    # steps 0-4 are the same training (same seed, rows, order, weight 1): the same SFT loss to the digit
+    assert r["loss_first"] == p["loss_first"]
+    # from step 6 the value forks weigh 20x, so the later steps train differently
+    assert r["loss_last"] != p["loss_last"]
+    assert r["value_fork_nll_before_weight"] > 0 and "value_fork_nll_before_weight" not in p
