@@ -337,6 +337,54 @@ def test_fingerprint_includes_the_upstream_stage_identity(tmp_path):
         A.skip_if_finished(cfg.output_dir, config=cfg)
 
 
+def test_a_moved_or_respelled_run_directory_is_still_reused(tmp_path, monkeypatch):
+    """A run directory copied elsewhere, or named relative once and absolute once (a local run, then
+    the same run through `ray job submit`, which needs an absolute run_dir), keeps its finished stages:
+    an input is the same when its identity is, or (an input neither run had, like a gold-CoT run's
+    generate directory) when it is the same sibling of the stage. A changed input is still refused."""
+    import json
+    import shutil
+
+    from tokenskip.config import CotsConfig, EvalConfig, PruneConfig
+
+    monkeypatch.chdir(tmp_path)
+    a = tmp_path / "runs" / "a"
+    A.write_rows(a / "cots" / "data.parquet", [{"id": "x", "cot": "y"}])
+    A.write_manifest(a / "cots", "cots", counts={"kept": 1})
+
+    def prune(run, spell=str):
+        return PruneConfig(input=spell(run / "cots"), output_dir=str(run / "prune"))
+
+    def cots(run, gen="generate"):
+        return CotsConfig(generations=f"{run}/{gen}", output_dir=f"{run}/cots", cot_source="gold")
+
+    rel = lambda p: str(p.relative_to(tmp_path))  # noqa: E731
+    A.skip_if_finished(a / "prune", config=prune(a, rel))  # a relative run_dir, as `make quickstart`
+    _finish(a / "prune", "prune")
+    (a / "cots" / A.FINGERPRINT).write_text(json.dumps(A.config_fingerprint(cots(rel(a)))))
+    # the same run named by its absolute path
+    assert A.skip_if_finished(a / "prune", config=prune(a))["stage"] == "prune"
+    assert A.skip_if_finished(a / "cots", config=cots(a))["stage"] == "cots"
+    # the run copied to another directory: every finished stage is reused, the new paths recorded
+    b = tmp_path / "elsewhere" / "b"
+    shutil.copytree(a, b)
+    assert A.skip_if_finished(b / "prune", config=prune(b))["stage"] == "prune"
+    assert json.loads((b / "prune" / A.FINGERPRINT).read_text())["input"] == str(b / "cots")
+    assert A.skip_if_finished(b / "cots", config=cots(b))["stage"] == "cots"
+    # ... but not another input: another sibling name, or the upstream stage redone
+    with pytest.raises(A.ConfigChanged, match=r"\(generations: "):
+        A.skip_if_finished(b / "cots", config=cots(b, "gen2"))
+    A.write_manifest(b / "cots", "cots", counts={"kept": 2})
+    with pytest.raises(A.ConfigChanged, match=r"_upstream\.input"):
+        A.skip_if_finished(b / "prune", config=prune(b))
+    # names that are not paths here (hub ids) match only themselves
+    ev = tmp_path / "runs" / "a" / "evaluate"
+    A.skip_if_finished(ev, config=EvalConfig(adapter="org/adapter-a", output_dir=str(ev)))
+    _finish(ev, "evaluate")
+    with pytest.raises(A.ConfigChanged, match=r"adapter: \"org/adapter-a\" -> \"org/adapter-b\""):
+        A.skip_if_finished(ev, config=EvalConfig(adapter="org/adapter-b", output_dir=str(ev)))
+
+
 def test_fingerprint_from_before_derived_keys_is_not_a_change(tmp_path):
     import json
 

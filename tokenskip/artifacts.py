@@ -242,6 +242,8 @@ ENGINE_OUTPUT_KEYS = ("max_model_len", "dtype", "quantization", "revision", "tok
 # Config keys that name an upstream input (a stage directory, a data file, an adapter): the
 # fingerprint records the identity of what they point to, so a redone upstream is noticed.
 UPSTREAM_KEYS = ("input", "dataset", "adapter", "generations", "pruned", "cots_dir", "data.name")
+# Of those, the keys whose value is always a path (``data.name`` may be a dataset's name).
+_PATH_KEYS = frozenset(UPSTREAM_KEYS) - {"data.name"}
 _HASH_LIMIT = 1 << 30
 # What identifies a directory without a manifest (an adapter, a model): weights, data, configs;
 # not notes or cards written next to them later.
@@ -390,7 +392,8 @@ def check_fingerprint(stage_dir: str | os.PathLike, config: Any, stage: str | No
         keys = {k for k in keys if not k.startswith("_") or k in old}
     changed = sorted(k for k in keys if old.get(k) != new.get(k))
     added = _added_at_default(config, stage, new, [k for k in changed if k not in old])
-    changed = [k for k in changed if k not in added]
+    moved = [k for k in changed if _same_input(k, old, new, stage_dir)]
+    changed = [k for k in changed if k not in added and k not in moved]
     if stage:
         new["_stage"] = stage
     if not changed:
@@ -398,6 +401,13 @@ def check_fingerprint(stage_dir: str | os.PathLike, config: Any, stage: str | No
             logging.getLogger("tokenskip").info(
                 "%s: fingerprint from an earlier version; recording %s at their defaults", stage_dir, ", ".join(added)
             )
+        if moved:
+            logging.getLogger("tokenskip").info(
+                "%s: the same input at another path (%s); recording the new path",
+                stage_dir,
+                ", ".join(f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}" for k in moved),
+            )
+        if added or moved:
             atomic_write_json(path, new)
         return
     if not complete and all(k.rsplit(".", 1)[-1] == "limit" for k in changed):
@@ -412,6 +422,28 @@ def check_fingerprint(stage_dir: str | os.PathLike, config: Any, stage: str | No
         f"{stage_dir}: this stage was {state} with a different config ({what}); "
         f"re-run with --force to redo it, or give it another output_dir"
     )
+
+
+def _same_input(key: str, old: dict, new: dict, stage_dir: Path) -> bool:
+    """Whether a path-valued input key that differs between two fingerprints names the same input:
+    a run directory copied or moved, or a path spelled relative once and absolute once
+    (``ray job submit`` needs an absolute ``run_dir``). An input that exists is the same when its
+    identity (``_upstream.<key>``: its manifest, weights or data) is; one that existed for neither
+    run (e.g. the generate directory of a run on gold CoTs) when it is this stage's sibling of the
+    same name in the run directory, or the same absolute path. Names that are not paths on this
+    machine (hub ids) only match themselves."""
+    if key not in _PATH_KEYS:
+        return False
+    o, n = old.get(key), new.get(key)
+    if not (isinstance(o, str) and isinstance(n, str) and o and n):
+        return False
+    up = f"_upstream.{key}"
+    if up in new or up in old:
+        return old.get(up) == new.get(up)
+    n_abs = Path(n).expanduser().absolute()
+    if Path(o).expanduser().absolute() == n_abs:
+        return True
+    return n_abs.parent == Path(stage_dir).absolute().parent and Path(o).name == n_abs.name
 
 
 def _added_at_default(config: Any, stage: str | None, new: dict, keys: list[str]) -> list[str]:
