@@ -176,7 +176,7 @@ def _run_evaluate(cfg: EvalConfig, out: Path, force: bool) -> dict:
     if artifacts.is_complete(out) and not force:
         artifacts.check_fingerprint(out, cfg)  # a finished run with another config is refused
         log.info("%s is finished (manifest present); returning it (use --force to re-run)", out)
-        return artifacts.read_manifest(out)
+        return artifacts.relocated(artifacts.read_manifest(out), out)
     if force:  # only a directory this stage owns is wiped; never the run dir or the adapter's
         artifacts.reset_stage(out, config=cfg)
     # Records this run's fingerprint; an unfinished run with another config is refused. With

@@ -360,7 +360,7 @@ def test_a_moved_or_respelled_run_directory_is_still_reused(tmp_path, monkeypatc
 
     rel = lambda p: str(p.relative_to(tmp_path))  # noqa: E731
     A.skip_if_finished(a / "prune", config=prune(a, rel))  # a relative run_dir, as `make quickstart`
-    _finish(a / "prune", "prune")
+    A.write_manifest(a / "prune", "prune", config=PruneConfig(output_dir=rel(a / "prune")), data=f"{rel(a)}/prune/d")
     (a / "cots" / A.FINGERPRINT).write_text(json.dumps(A.config_fingerprint(cots(rel(a)))))
     # the same run named by its absolute path
     assert A.skip_if_finished(a / "prune", config=prune(a))["stage"] == "prune"
@@ -370,6 +370,9 @@ def test_a_moved_or_respelled_run_directory_is_still_reused(tmp_path, monkeypatc
     shutil.copytree(a, b)
     assert A.skip_if_finished(b / "prune", config=prune(b))["stage"] == "prune"
     assert json.loads((b / "prune" / A.FINGERPRINT).read_text())["input"] == str(b / "cots")
+    # the reused manifest names its files where they are now (the file keeps the old, its identity)
+    assert A.skip_if_finished(b / "prune", config=prune(b))["data"] == f"{b / 'prune'}/d"
+    assert json.loads((b / "prune" / A.MANIFEST).read_text())["data"] == "runs/a/prune/d"
     assert A.skip_if_finished(b / "cots", config=cots(b))["stage"] == "cots"
     # ... but not another input: another sibling name, or the upstream stage redone
     with pytest.raises(A.ConfigChanged, match=r"\(generations: "):

@@ -31,6 +31,16 @@ def _sft(path, n_questions: int = 3) -> str:
     return str(path)
 
 
+def _sweep(tmp_path, model: str, *args: str) -> dict:
+    """Run the sweep on the 3-question SFT set (CPU, batch 4, no probe unless ``args`` asks) and
+    return its JSON."""
+    out = tmp_path / "sweep.json"
+    base = ["--sft", _sft(tmp_path / "train.parquet"), "--model", model, "--device", "cpu", "--batch", "4"]
+    probe = [] if "--probe-n" in args else ["--probe-n", "0"]
+    assert gamma_sweep.main([*base, *probe, *args, "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
 def test_sweep_trains_each_variant_and_reports_every_gamma(tiny_llama, tmp_path):
     out = tmp_path / "sweep.json"
     rc = gamma_sweep.main(
@@ -140,12 +150,9 @@ def test_solo_trains_one_adapter_per_gamma_on_its_rows_only(tiny_llama, tmp_path
         return real_train(path, tok, rows, v, a, device)
 
     monkeypatch.setattr(gamma_sweep, "train", spy)
-    out = tmp_path / "solo.json"
-    args = ["--sft", _sft(tmp_path / "train.parquet"), "--model", tiny_llama, "--device", "cpu"]
-    args += ["--variants", "solo", "--eval-n", "2", "--max-new-tokens", "4", "--probe-n", "1", "--batch", "4"]
-    assert gamma_sweep.main([*args, "--json", str(out)]) == 0
+    res = _sweep(tmp_path, tiny_llama, "--variants", "solo", "--eval-n", "2", "--max-new-tokens", "4", "--probe-n", "1")
     assert seen == [[1.0], [0.7], [0.5]]  # three adapters, each on one γ's rows
-    solo = json.loads(out.read_text())["variants"]["solo"]
+    solo = res["variants"]["solo"]
     assert solo["config"]["per_gamma"] is True and solo["probe"] is None
     assert set(solo["train"]["per_gamma"]) == {"1.0", "0.7", "0.5"}
     assert all(t["rows"] == 3 and t["steps"] == 1 for t in solo["train"]["per_gamma"].values())
@@ -185,11 +192,7 @@ def test_contrast_twins_are_another_gamma_and_reproducible():
 
 
 def test_contrast_variant_trains_with_the_term_and_reports_it(tiny_llama, tmp_path):
-    out = tmp_path / "ctr.json"
-    args = ["--sft", _sft(tmp_path / "train.parquet"), "--model", tiny_llama, "--device", "cpu"]
-    args += ["--variants", "ctr", "--eval-n", "2", "--max-new-tokens", "4", "--probe-n", "0", "--batch", "4"]
-    assert gamma_sweep.main([*args, "--json", str(out)]) == 0
-    ctr = json.loads(out.read_text())["variants"]["ctr"]
+    ctr = _sweep(tmp_path, tiny_llama, "--variants", "ctr", "--eval-n", "2", "--max-new-tokens", "4")["variants"]["ctr"]
     assert ctr["config"]["contrast"] == 1.0
     assert ctr["train"]["rows"] == 9 and ctr["train"]["steps"] == 3
     tr = ctr["train"]
@@ -229,13 +232,10 @@ def test_eval_on_train_asks_the_sft_sets_own_questions(tiny_llama, tmp_path, mon
         return real_outputs(model, tok, questions, ratios, marker, a, device)
 
     monkeypatch.setattr(gamma_sweep, "outputs", spy)
-    out = tmp_path / "train_eval.json"
-    args = ["--sft", _sft(tmp_path / "train.parquet"), "--model", tiny_llama, "--device", "cpu"]
-    args += ["--variants", "base", "--eval-on", "train", "--eval-n", "2", "--max-new-tokens", "4"]
-    assert gamma_sweep.main([*args, "--probe-n", "0", "--batch", "4", "--json", str(out)]) == 0
+    res = _sweep(tmp_path, tiny_llama, "--variants", "base", "--eval-on", "train",
+                 "--eval-n", "2", "--max-new-tokens", "4")
     # the first two distinct questions of the SFT set, once each (every γ is asked of the same two)
     assert asked == [[f"Ann has {i} apples and gets 2. How many?" for i in (0, 1)]]
-    res = json.loads(out.read_text())
     assert res["eval_on"] == "train" and res["eval_n"] == 2
     # each output set beside the target it was trained on, per γ
     vs = res["variants"]["base"]["against_targets"]
@@ -282,11 +282,8 @@ def test_fork_weight_variant_trains_and_reports_the_nll_at_the_forks(tiny_llama,
     # the same, weighting only the forks between the 0.7 and 0.5 targets
     value_only = {"targets": "truncated", "fork_weight": 20.0, "fork_on": "value_fork"}
     monkeypatch.setitem(gamma_sweep.VARIANTS, "vfork_t", value_only)
-    out = tmp_path / "fork.json"
-    args = ["--sft", _sft(tmp_path / "train.parquet"), "--model", tiny_llama, "--device", "cpu"]
-    args += ["--variants", "fork_t", "vfork_t", "--eval-n", "2", "--max-new-tokens", "4", "--probe-n", "0"]
-    assert gamma_sweep.main([*args, "--batch", "4", "--json", str(out)]) == 0
-    res = json.loads(out.read_text())["variants"]
+    res = _sweep(tmp_path, tiny_llama, "--variants", "fork_t", "vfork_t", "--eval-n", "2", "--max-new-tokens", "4")
+    res = res["variants"]
     tr, vtr = res["fork_t"]["train"], res["vfork_t"]["train"]
     # 3 questions x 3 γ, each row parting from its question's 2 others: at least one fork per row
     assert tr["rows"] == 9 and tr["fork_tokens"] >= 9
@@ -303,11 +300,8 @@ def test_fork_weight_ramped_in_leaves_the_steps_before_it_unweighted(tiny_llama,
     plain = {"targets": "truncated", "fork_weight": 1.0, "fork_on": "value_fork", "epochs": 4.0}
     monkeypatch.setitem(gamma_sweep.VARIANTS, "plain_t", plain)
     monkeypatch.setitem(gamma_sweep.VARIANTS, "ramp_t", {**plain, "fork_weight": 20.0, "fork_from": 0.5})
-    out = tmp_path / "ramp.json"
-    args = ["--sft", _sft(tmp_path / "train.parquet"), "--model", tiny_llama, "--device", "cpu"]
-    args += ["--variants", "plain_t", "ramp_t", "--eval-n", "1", "--max-new-tokens", "2", "--probe-n", "0"]
-    assert gamma_sweep.main([*args, "--batch", "4", "--json", str(out)]) == 0
-    res = json.loads(out.read_text())["variants"]
+    res = _sweep(tmp_path, tiny_llama, "--variants", "plain_t", "ramp_t", "--eval-n", "1", "--max-new-tokens", "2")
+    res = res["variants"]
     p, r = res["plain_t"]["train"], res["ramp_t"]["train"]
     assert p["steps"] == r["steps"] == 12
     # steps 0-4 are the same training (same seed, rows, order, weight 1): the same SFT loss to the digit

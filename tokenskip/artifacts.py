@@ -492,7 +492,30 @@ def skip_if_finished(
         raise
     if taken:
         release_lock(stage_dir)
-    return manifest
+    return relocated(manifest, stage_dir)
+
+
+def relocated(manifest: dict, stage_dir: str | os.PathLike) -> dict:
+    """A finished stage's manifest as seen from where the stage directory is now: when the run was
+    copied or moved (its recorded ``config.output_dir`` is another directory), the top-level paths
+    inside the old directory (an adapter, its card, the data file) are given under the new one. The
+    file itself is not rewritten (downstream stages identify it by its bytes)."""
+    old = (manifest.get("config") or {}).get("output_dir") if isinstance(manifest.get("config"), dict) else None
+    new = str(stage_dir)
+    if not isinstance(old, str) or not old or Path(old).absolute() == Path(new).absolute():
+        return manifest
+    prefixes = {old.rstrip("/"), str(Path(old).absolute())}
+
+    def move(v: Any) -> Any:
+        if isinstance(v, str):
+            for pre in prefixes:
+                if v == pre or v.startswith(pre + "/"):
+                    return new + v[len(pre) :]
+        return v
+
+    out = {k: move(v) for k, v in manifest.items() if k != "config"}
+    out["config"] = {**manifest["config"], "output_dir": new}
+    return out
 
 
 # --------------------------------------------------------------------------- deleting safely
