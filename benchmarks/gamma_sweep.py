@@ -295,10 +295,10 @@ def train(model_path: str, tok, rows: list[dict], v: dict, a, device: str) -> tu
         value_forks = fork_positions(exs, [p[3]["question"] if p[3]["ratio"] < 1.0 else object() for p in pairs])
         # per example, the positions flagged (fork, value fork); the weights are derived per batch
         at_fork = [{"fork": set(f), "value_fork": set(vf)} for f, vf in zip(forks, value_forks)]
-    fork_nll: dict[str, list[float]] = {"fork": [], "value_fork": []}
-    fork_steps: dict[str, list[int]] = {"fork": [], "value_fork": []}  # the step of each fork_nll entry
+    fork_nll: dict[str, list[tuple[int, float]]] = {"fork": [], "value_fork": []}  # (step, the batch's mean)
     per_epoch = math.ceil(len(exs) / a.batch)
     total = max(1, round(per_epoch * v["epochs"]))
+    ramp = round(v["fork_from"] * total)  # the first step fork_weight applies to
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=v["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -339,14 +339,13 @@ def train(model_path: str, tok, rows: list[dict], v: dict, a, device: str) -> tu
                 }
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 nll, mask = token_nll(logits, batch["labels"])
-                w = v["fork_weight"] if step >= round(v["fork_from"] * total) else 1.0
+                w = v["fork_weight"] if step >= ramp else 1.0
                 loss = weighted_loss(nll, mask, 1.0 + (w - 1.0) * flags[v["fork_on"]].float())
                 sft = (nll * mask).sum().detach() / mask.sum().clamp(min=1)
                 for key, where in flags.items():
                     at = masked_mean(nll.detach(), mask, where)
                     if at is not None:
-                        fork_nll[key].append(at)
-                        fork_steps[key].append(step)
+                        fork_nll[key].append((step, at))
             else:
                 loss = sft = sft_loss(**batch)
             loss.backward()
@@ -378,12 +377,12 @@ def train(model_path: str, tok, rows: list[dict], v: dict, a, device: str) -> tu
         stats["value_fork_tokens"] = sum(len(f) for f in value_forks)
         # the NLL at the fork tokens per step (the batch's mean), first / last 5 steps; at the value forks
         # ln 2 ≈ 0.69 is a model that splits its bet between the two marked targets (the value not used)
-        ramp = round(v["fork_from"] * total)
-        for key, vals in fork_nll.items():
+        for key, at_steps in fork_nll.items():
+            vals = [x for _, x in at_steps]
             if vals:
                 stats[f"{key}_nll_first"] = round(statistics.mean(vals[:5]), 4)
                 stats[f"{key}_nll_last"] = round(statistics.mean(vals[-5:]), 4)
-                before = [x for x, st in zip(vals, fork_steps[key]) if st < ramp]
+                before = [x for st, x in at_steps if st < ramp]
                 if ramp and before:  # the last 5 steps before the weight applies
                     stats[f"{key}_nll_before_weight"] = round(statistics.mean(before[-5:]), 4)
     # the term per step (mean of its rows) over the first / last 5 steps, and by kind of pair over the

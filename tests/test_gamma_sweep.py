@@ -42,32 +42,8 @@ def _sweep(tmp_path, model: str, *args: str) -> dict:
 
 
 def test_sweep_trains_each_variant_and_reports_every_gamma(tiny_llama, tmp_path):
-    out = tmp_path / "sweep.json"
-    rc = gamma_sweep.main(
-        [
-            "--sft",
-            _sft(tmp_path / "train.parquet"),
-            "--model",
-            tiny_llama,
-            "--device",
-            "cpu",
-            "--variants",
-            "base",
-            "x3",
-            "--eval-n",
-            "2",
-            "--max-new-tokens",
-            "4",
-            "--probe-n",
-            "1",
-            "--batch",
-            "4",
-            "--json",
-            str(out),
-        ]
-    )
-    assert rc == 0
-    res = json.loads(out.read_text())
+    res = _sweep(tmp_path, tiny_llama, "--variants", "base", "x3", "--eval-n", "2", "--max-new-tokens", "4",
+                 "--probe-n", "1")
     assert res["ratios"] == [1.0, 0.7, 0.5] and res["eval_n"] == 2
     assert set(res["variants"]) == {"base", "x3"}
     x3 = res["variants"]["x3"]

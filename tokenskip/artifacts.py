@@ -500,7 +500,8 @@ def relocated(manifest: dict, stage_dir: str | os.PathLike) -> dict:
     copied or moved (its recorded ``config.output_dir`` is another directory), the top-level paths
     inside the old directory (an adapter, its card, the data file) are given under the new one. The
     file itself is not rewritten (downstream stages identify it by its bytes)."""
-    old = (manifest.get("config") or {}).get("output_dir") if isinstance(manifest.get("config"), dict) else None
+    cfg = manifest.get("config")
+    old = cfg.get("output_dir") if isinstance(cfg, dict) else None
     new = str(stage_dir)
     if not isinstance(old, str) or not old or Path(old).absolute() == Path(new).absolute():
         return manifest
@@ -514,7 +515,7 @@ def relocated(manifest: dict, stage_dir: str | os.PathLike) -> dict:
         return v
 
     out = {k: move(v) for k, v in manifest.items() if k != "config"}
-    out["config"] = {**manifest["config"], "output_dir": new}
+    out["config"] = {**cfg, "output_dir": new}
     return out
 
 
