@@ -173,15 +173,13 @@ def run_evaluate(cfg: EvalConfig, force: bool = False) -> dict:
 
 
 def _run_evaluate(cfg: EvalConfig, out: Path, force: bool) -> dict:
-    if artifacts.is_complete(out) and not force:
-        artifacts.check_fingerprint(out, cfg)  # a finished run with another config is refused
-        log.info("%s is finished (manifest present); returning it (use --force to re-run)", out)
-        return artifacts.relocated(artifacts.read_manifest(out), out)
-    if force:  # only a directory this stage owns is wiped; never the run dir or the adapter's
-        artifacts.reset_stage(out, config=cfg)
-    # Records this run's fingerprint; an unfinished run with another config is refused. With
-    # the same config, the conditions whose samples are saved are reused (_saved_condition).
-    artifacts.check_fingerprint(out, cfg)
+    # The stages' common prologue (the lock is already held, so it stays held): a finished run is
+    # returned, one with another config refused; --force wipes only a directory this stage owns.
+    # An unfinished run with the same config reuses the conditions whose samples are saved
+    # (_saved_condition).
+    finished = artifacts.skip_if_finished(out, force, cfg)
+    if finished is not None:
+        return finished
     if _use_ray(cfg):
         import ray  # joins the Ray the caller started (ray_jobs.runner), or the job's cluster
 
