@@ -311,6 +311,49 @@ def test_memory_plan(tiny_llama, capsys):
     assert json.loads(capsys.readouterr().out)["zero_stage"] == 2
 
 
+def test_plan_memory_fails_closed_and_reads_a_hub_id_from_the_hub_cache(tmp_path, tiny_llama, monkeypatch, capsys):
+    """A bad argument, config or model name is one line on stderr and exit 2, never a traceback; a hub
+    id outside the built-in table is read from its config.json (here: the local Hub cache, offline)."""
+    import huggingface_hub.constants as hub
+
+    from tokenskip import memory
+
+    not_json = tmp_path / "notes.txt"
+    not_json.write_text("hello")
+    no_sizes = tmp_path / "config.json"
+    no_sizes.write_text(json.dumps({"model_type": "llama"}))
+    bad = {
+        ("--model", "Qwen/Qwen2.5-7B-Nonexistent"): "could not be read from the Hugging Face Hub",
+        ("--model", str(tmp_path / "missing")): "not a file or directory",
+        ("--model", str(Path(tiny_llama).parent)): "a directory without config.json",
+        ("--model", str(not_json)): "not a readable JSON model config",
+        ("--model", str(no_sizes)): "has no 'num_attention_heads'",
+        ("--config", str(tmp_path / "none.yaml")): "config file not found",
+        ("-c", str(ROOT / "configs/train/qwen2.5-7b-zero2.yaml"), "micro_batch_size=0"): "micro_batch_size",
+    }
+    for argv, msg in bad.items():
+        assert memory.main(list(argv)) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("tokenskip plan-memory: ") and msg in err and "Traceback" not in err, (argv, err)
+    for flag, value in [("--gpus", "0"), ("--micro-batch", "-1"), ("--seq-len", "x"), ("--gpu-gib", "nan")]:
+        with pytest.raises(SystemExit) as exc:
+            memory.main(["--model", "Qwen/Qwen2.5-7B-Instruct", flag, value])
+        assert exc.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
+
+    # someorg/tiny in the Hub cache's layout (what a first online call leaves there)
+    cache = tmp_path / "hub"
+    snap = cache / "models--someorg--tiny" / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text((Path(tiny_llama) / "config.json").read_text())
+    (cache / "models--someorg--tiny" / "refs").mkdir()
+    (cache / "models--someorg--tiny" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    assert memory.arch_for("someorg/tiny") == memory.arch_for(tiny_llama)
+    assert memory.main(["--model", "someorg/tiny", "--gpus", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["params_b"] == memory.plan(memory.arch_for(tiny_llama))["params_b"]
+
+
 # Peak GPU memory of one LoRA step measured on an H100 (benchmarks/gpu_lora_memory.py, 1 GPU, no ZeRO,
 # bf16, r 8, cutoff 2048): (model, micro-batch, grad-ckpt, peak GiB or None for out-of-memory on 79 GiB).
 H100_MEASURED = [

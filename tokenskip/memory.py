@@ -90,18 +90,27 @@ ARCHS: dict[str, dict[str, Any]] = {
 }
 
 
+class UnknownModel(ValueError):
+    """A model whose architecture numbers cannot be found (named in the message with what was tried)."""
+
+
 def arch_for(model: str) -> dict[str, Any]:
     """Architecture numbers for a model name (hub id or table key) or a local dir / config.json.
+    A hub id not in the table is read from its ``config.json`` on the Hub (or the local Hub
+    cache when offline); what cannot be found raises :class:`UnknownModel`.
 
     >>> arch_for("Qwen/Qwen2.5-32B-Instruct")["layers"]
     64
     >>> arch_for("meta-llama/Llama-3.1-8B-Instruct")["vocab"]
     128256
     """
-    p = Path(model)
-    cfg_file = p / "config.json" if p.is_dir() else p
-    if cfg_file.is_file() and cfg_file.suffix == ".json":
-        return arch_from_config(json.loads(cfg_file.read_text()))
+    p = Path(model).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise UnknownModel(f"{model}: a directory without config.json (give a model directory or its config.json)")
+        return _arch_from_file(p / "config.json")
+    if p.is_file():
+        return _arch_from_file(p)
     key = model.rstrip("/").split("/")[-1].lower().replace("meta-llama-", "llama-")
     if key in ARCHS:
         return dict(ARCHS[key])
@@ -109,7 +118,34 @@ def arch_for(model: str) -> dict[str, Any]:
 
     if model == assets.SMOLLM2:
         return dict(ARCHS[model])
-    raise KeyError(f"unknown model {model!r}: give a local dir / config.json, or one of {', '.join(ARCHS)}")
+    known = ", ".join(ARCHS)
+    if model.count("/") != 1 or model.startswith(("/", ".", "~")):
+        raise UnknownModel(f"unknown model {model!r}: not a file or directory; give a hub id, a model directory, "
+                           f"its config.json, or one of {known}")
+    try:
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(model, "config.json")  # HF_HUB_OFFLINE: the local Hub cache only
+    except Exception as e:  # offline without a cached copy, no such repo, a gated repo without a token
+        raise UnknownModel(
+            f"unknown model {model!r}: its config.json could not be read from the Hugging Face Hub "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}); give a model directory, "
+            f"its config.json, or one of {known}"
+        ) from None
+    return _arch_from_file(Path(path))
+
+
+def _arch_from_file(path: Path) -> dict[str, Any]:
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UnknownModel(f"{path}: not a readable JSON model config ({e})") from None
+    if not isinstance(cfg, dict):
+        raise UnknownModel(f"{path}: not a model config (a JSON object with the decoder's sizes)")
+    try:
+        return arch_from_config(cfg.get("text_config") or cfg)  # a multimodal config keeps its decoder here
+    except KeyError as e:
+        raise UnknownModel(f"{path}: the model config has no {e.args[0]!r} (not a decoder LM config?)") from None
 
 
 def arch_from_config(c: dict) -> dict[str, Any]:
@@ -304,22 +340,50 @@ DEFAULT_CONFIGS = (
 )
 
 
+def _positive(kind: type):
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
+        if not v > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return v
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``tokenskip plan-memory``: a bad argument, config or model name is a one-line error (exit 2)."""
+    from tokenskip.config import ConfigError
+
     ap = argparse.ArgumentParser(prog="tokenskip plan-memory", description="Per-GPU memory estimate for LoRA SFT.")
     ap.add_argument("--config", "-c", action="append", help="train YAML(s); default: the shipped GPU configs")
     ap.add_argument("--model", help="model name / hub id / local dir (instead of --config)")
     ap.add_argument("--zero", type=int, default=3, choices=[0, 1, 2, 3])
-    ap.add_argument("--gpus", type=int, default=8)
-    ap.add_argument("--micro-batch", type=int, default=1)
-    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--gpus", type=_positive(int), default=8)
+    ap.add_argument("--micro-batch", type=_positive(int), default=1)
+    ap.add_argument("--seq-len", type=_positive(int), default=2048)
     ap.add_argument("--no-grad-ckpt", action="store_true")
-    ap.add_argument("--lora-r", type=int, default=8)
+    ap.add_argument("--lora-r", type=_positive(int), default=8)
     ap.add_argument("--offload-optimizer", action="store_true")
     ap.add_argument("--offload-params", action="store_true")
-    ap.add_argument("--gpu-gib", type=float, default=80.0)
+    ap.add_argument("--gpu-gib", type=_positive(float), default=80.0)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("overrides", nargs="*", help="key=value overrides for --config")
     args = ap.parse_args(argv)
+    try:
+        rows = _plans(args)
+    except (ConfigError, UnknownModel) as e:
+        print(f"tokenskip plan-memory: {e}", file=sys.stderr)
+        return 2
+    for name, p in rows:
+        print(json.dumps({"name": name, **p}) if args.json else format_plan(name, p))
+    return 0
+
+
+def _plans(args: argparse.Namespace) -> list[tuple[str, dict]]:
     rows: list[tuple[str, dict]] = []
     if args.model:
         rows.append(
@@ -348,9 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in paths:
             cfg = load_config(TrainConfig, path, args.overrides)
             rows.append((f"{Path(path).name} ({cfg.model})", plan_for_config(cfg, args.gpu_gib)))
-    for name, p in rows:
-        print(json.dumps({"name": name, **p}) if args.json else format_plan(name, p))
-    return 0
+    return rows
 
 
 if __name__ == "__main__":
