@@ -47,6 +47,16 @@ def test_wrong_type_is_reported():
         C.load_config(C.GenerateConfig, data={"batch_size": "many"})
 
 
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "{}\n", "---\n"])
+def test_an_empty_config_file_is_refused_not_run_with_every_default(tmp_path, text):
+    p = tmp_path / "empty.yaml"
+    p.write_text(text)
+    for kind in (C.PipelineConfig, C.GenerateConfig, C.TrainConfig):
+        with pytest.raises(C.ConfigError, match="empty config") as e:
+            C.load_config(kind, p, ["model=x"])  # overrides do not make an empty file a config
+        assert str(p) in str(e.value)
+
+
 def test_kind_mismatch(tmp_path):
     p = tmp_path / "t.yaml"
     p.write_text("kind: train\n")

@@ -766,9 +766,11 @@ def read_yaml(path: str | os.PathLike) -> dict:
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: invalid YAML: {e}") from None
+    if data is None or data == {}:  # an empty file would silently run every default (a whole dataset)
+        raise ConfigError(f"{p}: empty config (no keys); name at least its kind and model, e.g. `kind: pipeline`")
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: top level must be a mapping")
     return data
