@@ -175,34 +175,39 @@ def _input_file(path: str) -> Path:
 
 
 def read_input(cfg: PruneConfig) -> tuple[list[dict], list[dict], str]:
-    """Input rows split into (good, rejects); rejects carry a reason naming the field."""
+    """Input rows split into (good, rejects). A bad row (a line that is not a JSON object, no id, a
+    repeated id, a CoT that is not a string) is a reject naming the file and line (a Parquet file's
+    row, from 1) and carrying the row as read, so nothing is lost; only a missing CoT column fails."""
+    from tokenskip.data import iter_file, reject_row
+
     if not cfg.input:
         raise ValueError("prune.input is not set (a pipeline config sets it to <run_dir>/cots)")
     path = _input_file(cfg.input)
-    rows = artifacts.read_rows(path)
-    if rows and cfg.text_field not in rows[0] and not any(cfg.text_field in r for r in rows):
-        raise KeyError(f"{path}: no column {cfg.text_field!r} (prune.text_field); columns: {sorted(rows[0])}")
+    entries = list(iter_file(path))
+    dicts = [r for _, r, _ in entries if isinstance(r, dict)]
+    if dicts and not any(cfg.text_field in r for r in dicts):
+        raise KeyError(f"{path}: no column {cfg.text_field!r} (prune.text_field); columns: {sorted(dicts[0])}")
     if cfg.limit is not None:
-        rows = rows[: cfg.limit]
+        entries = entries[: cfg.limit]
+    jsonl = path.suffix == ".jsonl"
     good, bad, seen = [], [], set()
-    for i, r in enumerate(rows):
-        rid, text = r.get(cfg.id_field), r.get(cfg.text_field)
-        where = f"{path}: row {i}"
-        if rid is None or str(rid) == "":
-            bad.append({"id": None, "line": i, "reason": f"{where}: missing {cfg.id_field!r}"})
-        elif str(rid) in seen:
-            bad.append({"id": str(rid), "line": i, "reason": f"{where}: duplicate id {rid!r}"})
-        elif not isinstance(text, str):
-            bad.append(
-                {
-                    "id": str(rid),
-                    "line": i,
-                    "reason": f"{where}: field {cfg.text_field!r} must be a string, got {type(text).__name__}",
-                }
-            )
-        else:
-            seen.add(str(rid))
-            good.append({cfg.id_field: str(rid), cfg.text_field: text})
+    for line, r, err in entries:
+        where, parsed = (f"{path}:{line}" if jsonl else f"{path}: row {line}"), err is None
+        rid = r.get(cfg.id_field) if isinstance(r, dict) else None
+        if err is None and not isinstance(r, dict):
+            err = f"not a JSON object (got {type(r).__name__})"
+        elif err is None and (rid is None or str(rid) == ""):
+            err = f"missing {cfg.id_field!r}"
+        elif err is None and str(rid) in seen:
+            err = f"duplicate id {rid!r}"
+        elif err is None and not isinstance(r.get(cfg.text_field), str):
+            err = f"field {cfg.text_field!r} must be a string, got {type(r.get(cfg.text_field)).__name__}"
+        if err is not None:
+            rid = None if rid is None or str(rid) == "" else str(rid)
+            bad.append({"id": rid, "line": line, "reason": f"{where}: {err}", "row": reject_row(r, parsed)})
+            continue
+        seen.add(str(rid))
+        good.append({cfg.id_field: str(rid), cfg.text_field: r[cfg.text_field]})
     return good, bad, str(path)
 
 

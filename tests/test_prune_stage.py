@@ -235,3 +235,39 @@ def test_prune_input_with_no_rows_fails_here(tmp_path):
     artifacts.write_rows(src, [{"id": "a", "cot": None}], "jsonl")
     with pytest.raises(artifacts.StageError, match=r"cots.jsonl: 0 rows \(1 unusable rows\)"):
         run_prune(PruneConfig(input=str(src), output_dir=str(tmp_path / "prune")))
+
+
+def test_bad_input_lines_become_rejects_naming_file_and_line_with_the_row_kept(tmp_path):
+    """A line that is not JSON, or not a JSON object, is a reject like any other bad row (it used to
+    stop the stage, or crash it with AttributeError); every reject names the file's own line number
+    (blank lines counted) and keeps the row as read."""
+    from pipelines.prune import read_input
+
+    src = tmp_path / "cots.jsonl"
+    src.write_bytes(
+        b'{"id": "a", "cot": "one"}\n'
+        b"[1, 2]\n"
+        b"\n"
+        b"not json {\n"
+        b'{"id": "b", "cot": "two"}\n'
+        b'{"id": "a", "cot": "again"}\n'
+        b'{"cot": "no id"}\n'
+        b'{"id": "c", "cot": 3}\n'
+        b'{"id": "d", "cot": "caf\xe9"}\n'
+    )
+    good, bad, where = read_input(PruneConfig(input=str(src), output_dir=str(tmp_path / "out")))
+    assert where == str(src) and [r["id"] for r in good] == ["a", "b"]
+    got = [(r["line"], r["id"], r["reason"].removeprefix(f"{src}:"), r["row"]) for r in bad]
+    assert got == [
+        (2, None, "2: not a JSON object (got list)", "[1, 2]"),
+        (4, None, "4: invalid JSON: Expecting value", "not json {"),
+        (6, "a", "6: duplicate id 'a'", '{"id": "a", "cot": "again"}'),
+        (7, None, "7: missing 'id'", '{"cot": "no id"}'),
+        (8, "c", "8: field 'cot' must be a string, got int", '{"id": "c", "cot": 3}'),
+        (9, None, "9: not valid UTF-8 (byte b'\\xe9' at column 24)", '{"id": "d", "cot": "caf\ufffd"}'),
+    ]
+    # a Parquet input names its rows from 1
+    pq = tmp_path / "cots.parquet"
+    artifacts.write_rows(pq, [{"id": "a", "cot": "one"}, {"id": "", "cot": "two"}], "parquet")
+    good, bad, _ = read_input(PruneConfig(input=str(pq), output_dir=str(tmp_path / "out2")))
+    assert [r["id"] for r in good] == ["a"] and bad[0]["reason"] == f"{pq}: row 2: missing 'id'"

@@ -104,8 +104,10 @@ def normalize_row(
     }
 
 
-def _iter_file(path: Path) -> Iterable[tuple[int, Any, str | None]]:
-    """(line number, parsed row or None, parse error) for JSONL / JSON / Parquet."""
+def iter_file(path: Path) -> Iterable[tuple[int, Any, str | None]]:
+    """(line number, parsed row, parse error) for JSONL / JSON / Parquet: a JSONL line that does not
+    parse is yielded as its text (undecodable bytes replaced) with the error, not raised; JSON and
+    Parquet rows are numbered from 1."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         with open(path, "rb") as fh:
@@ -113,14 +115,15 @@ def _iter_file(path: Path) -> Iterable[tuple[int, Any, str | None]]:
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    yield lineno, None, f"not valid UTF-8 (byte {raw[e.start : e.start + 1]!r} at column {e.start + 1})"
+                    text = raw.decode("utf-8", "replace").rstrip("\r\n")
+                    yield lineno, text, f"not valid UTF-8 (byte {raw[e.start : e.start + 1]!r} at column {e.start + 1})"
                     continue
                 if not line.strip():
                     continue
                 try:
                     yield lineno, json.loads(line), None
                 except json.JSONDecodeError as e:
-                    yield lineno, None, f"invalid JSON: {e.msg}"
+                    yield lineno, line.rstrip("\r\n"), f"invalid JSON: {e.msg}"
     elif suffix == ".json":
         blob = path.read_bytes()
         try:
@@ -145,6 +148,14 @@ def _iter_file(path: Path) -> Iterable[tuple[int, Any, str | None]]:
         raise DataError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json or .parquet)")
 
 
+def reject_row(raw: Any, parsed: bool = True) -> str | None:
+    """A rejected row as it was read, for a rejects file: its JSON, or the text of a line that did not
+    parse (2,000 characters at most)."""
+    if raw is None:
+        return None
+    return (json.dumps(raw, default=str, ensure_ascii=False) if parsed else str(raw))[:2000]
+
+
 def load_questions(
     name: str,
     split: str = "train",
@@ -166,7 +177,8 @@ def load_questions(
     rejects: list[dict] = []
 
     def take(index: int, raw: Any, err: str | None, src: str, line: int, prefix: str) -> None:
-        if err is None:
+        parsed = err is None
+        if parsed:
             try:
                 rows.append(normalize_row(raw, kind, index, src, fields, prefix))
                 return
@@ -179,7 +191,7 @@ def load_questions(
                 "source": src,
                 "line": line,
                 "reason": err,
-                "row": json.dumps(raw, default=str)[:2000] if raw is not None else None,
+                "row": reject_row(raw, parsed),
             }
         )
 
@@ -187,13 +199,13 @@ def load_questions(
     if assets.is_embedded_dataset(name):
         path = assets.dataset_file(name, split)
         prefix = f"{name}-{split}"
-        for i, (line, raw, err) in enumerate(_iter_file(path)):
+        for i, (line, raw, err) in enumerate(iter_file(path)):
             take(i, raw, err, str(path), line, prefix)
     elif path.suffix.lower() in (".jsonl", ".json", ".parquet") or path.exists():
         if not path.is_file():
             raise DataError(f"dataset file not found: {path}")
         prefix = path.stem
-        for i, (line, raw, err) in enumerate(_iter_file(path)):
+        for i, (line, raw, err) in enumerate(iter_file(path)):
             take(i, raw, err, str(path), line, prefix)
     else:
         try:
