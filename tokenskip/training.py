@@ -40,6 +40,10 @@ def validate_rows(rows: Sequence[dict], source: str = "<rows>") -> None:
     ...
     tokenskip.training.TrainDataError: t.parquet: missing column(s) ['completion'] (row 0 has ['ratio', 'user'];
     required: user, completion, ratio)
+    >>> validate_rows([{"user": "u", "completion": "c", "ratio": 1.0}, None], "t.jsonl")
+    Traceback (most recent call last):
+    ...
+    tokenskip.training.TrainDataError: t.jsonl: row 1: not a JSON object (got NoneType)
     >>> validate_rows([{"user": "u", "completion": None, "ratio": 1.0}], "t.parquet")
     Traceback (most recent call last):
     ...
@@ -48,6 +52,9 @@ def validate_rows(rows: Sequence[dict], source: str = "<rows>") -> None:
     """
     if not rows:
         raise TrainDataError(f"{source}: the training set is empty (0 rows)")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise TrainDataError(f"{source}: row {i}: not a JSON object (got {type(row).__name__})")
     missing = [c for c in REQUIRED_COLUMNS if c not in rows[0]]
     if missing:
         raise TrainDataError(
