@@ -170,6 +170,19 @@ def adapter_exists(src: str) -> bool:
         return False
 
 
+def missing_adapter_warnings(cfg: Any) -> list[str]:
+    """One line per configured local adapter that is not there (yet), for the start of the app: the
+    app still starts (an adapter may finish training later, and is looked up per request), but a
+    request for it gets 404 ``adapter_not_found`` until it is there. Object-store adapters are not
+    checked here (they are fetched on first use)."""
+    return [
+        f"adapter {a.name!r}: nothing at {a.path} yet (no adapter_config.json); requests for "
+        f"'{cfg.model_id}:{a.name}' get 404 adapter_not_found until it is there"
+        for a in cfg.adapters
+        if not is_uri(a.path) and not adapter_exists(a.path)
+    ]
+
+
 def read_adapter_card(adapter_id: str, local_dir: str) -> tscard.AdapterCard | None:
     """The adapter's card (None when it has none); a broken card is a server-side error."""
     try:

@@ -86,6 +86,20 @@ def test_check_api_key_fails_closed_and_compares_every_key(monkeypatch):
     assert calls == keys  # no early exit on the first match: every key is compared, in constant time
 
 
+def test_a_configured_local_adapter_that_is_not_there_is_named_at_start(tmp_path, tiny_adapters):
+    """The app still starts (an adapter may be trained later; each request looks it up), but the
+    console says which configured adapter a request would get 404 for; one that is there is silent."""
+    from serving.run import check_apps, load_serve_config
+
+    there, _ = tiny_adapters
+    adapters = f"adapters=[{{name: a, path: {there}}}, {{name: later, path: {tmp_path / 'not-yet'}}}]"
+    conf = load_serve_config(str(ROOT / "serving" / "serve_config.yaml"), ["model_id=base", adapters])
+    assert check_apps(conf, "127.0.0.1") == [
+        f"adapter 'later': nothing at {tmp_path / 'not-yet'} yet (no adapter_config.json); requests for "
+        "'base:later' get 404 adapter_not_found until it is there"
+    ]
+
+
 def test_open_endpoint_warning_and_cli_refusal(tmp_path, monkeypatch):
     from serving.app import open_endpoint_warning
     from serving.run import check_apps, load_serve_config
@@ -95,7 +109,7 @@ def test_open_endpoint_warning_and_cli_refusal(tmp_path, monkeypatch):
     assert open_endpoint_warning("0.0.0.0", auth_enabled=True) is None
     assert open_endpoint_warning("127.0.0.1", auth_enabled=False) is None
     conf = load_serve_config(str(ROOT / "serving" / "serve_config.yaml"), [])
-    assert check_apps(conf, "127.0.0.1") == []
+    assert not [w for w in check_apps(conf, "127.0.0.1") if "AUTHENTICATION" in w]
     assert "WITHOUT AUTHENTICATION" in check_apps(conf, "0.0.0.0")[0]
     monkeypatch.delenv("TSK_NO_SUCH_KEYS", raising=False)
     conf = load_serve_config(str(ROOT / "serving" / "serve_config.yaml"), ["api_key_env=TSK_NO_SUCH_KEYS"])
