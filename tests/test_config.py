@@ -66,7 +66,9 @@ def test_kind_mismatch(tmp_path):
 
 def test_pipeline_yaml_gives_stage_sections(tmp_path):
     p = tmp_path / "exp.yaml"
-    p.write_text("kind: pipeline\nrun_dir: /tmp/r\nmodel: my/model\nprune:\n  ratios: [0.5]\n")
+    p.write_text(
+        "kind: pipeline\nrun_dir: /tmp/r\nmodel: my/model\nprune:\n  ratios: [0.5]\nbuild_sft:\n  ratios: [1.0, 0.5]\n"
+    )
     pcfg = C.load_config(C.PruneConfig, p, ["batch_size=3"])
     assert pcfg.ratios == [0.5] and pcfg.batch_size == 3
     assert pcfg.output_dir == "/tmp/r/prune"
@@ -75,6 +77,16 @@ def test_pipeline_yaml_gives_stage_sections(tmp_path):
     assert stage_config(C.load_config(C.PipelineConfig, p), "prune").input == "/tmp/r/cots"
     gcfg = C.load_config(C.GenerateConfig, p)
     assert gcfg.model == "my/model" and gcfg.output_dir == "/tmp/r/generate"
+
+
+def test_a_pipeline_whose_build_sft_wants_a_gamma_prune_does_not_make_is_refused_before_any_stage():
+    base = {"prune": {"ratios": [0.7, 0.5]}, "build_sft": {"ratios": [1.0, 0.7, 0.5]}}
+    assert C.load_config(C.PipelineConfig, data=base).build_sft.ratios == [1.0, 0.7, 0.5]
+    with pytest.raises(C.ConfigError, match=r"build_sft.ratios \[0.6\] are not among prune.ratios \[0.7, 0.5\]"):
+        C.load_config(C.PipelineConfig, data=base, overrides=["build_sft.ratios=[1.0, 0.6]"])
+    # without build_sft in the run, or with its pruned input given elsewhere, prune.ratios do not bind it
+    for extra in (["stages=[generate, prune]"], ["build_sft.pruned=/elsewhere/prune"]):
+        C.load_config(C.PipelineConfig, data=base, overrides=["build_sft.ratios=[1.0, 0.6]", *extra])
 
 
 def test_cots_section_of_a_pipeline(tmp_path):

@@ -598,6 +598,14 @@ class PipelineConfig:
         bad = [s for s in self.stages if s not in STAGES]
         if bad:
             raise ConfigError(f"pipeline.stages: unknown stage(s) {bad} (valid: {list(STAGES)})")
+        if "build_sft" in self.stages and self.build_sft.pruned is None:  # it reads this run's prune stage
+            pruned = {gamma.canonical(r) for r in self.prune.ratios} | {1.0}
+            missing = [r for r in self.build_sft.ratios if gamma.canonical(r) not in pruned]
+            if missing:
+                raise ConfigError(
+                    f"build_sft.ratios {missing} are not among prune.ratios {self.prune.ratios}, so no pruned CoT "
+                    "would exist for them (γ 1.0 is the unpruned CoT): add them to prune.ratios or drop them"
+                )
 
 
 # The stages a pipeline's ``stages`` may name (the table, pipelines/stages.py, orders and wires
