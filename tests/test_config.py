@@ -57,6 +57,28 @@ def test_an_empty_config_file_is_refused_not_run_with_every_default(tmp_path, te
         assert str(p) in str(e.value)
 
 
+@pytest.mark.parametrize(
+    "kind, override, message",
+    [
+        (C.PipelineConfig, "run_dir=", "run_dir: must not be empty"),  # the stages would land at /cots, /prune, …
+        (C.PipelineConfig, "model=", "model must not be empty"),
+        (C.PipelineConfig, "model=null", "model must not be empty"),
+        (C.PipelineConfig, "stages=[]", "pipeline.stages must not be empty"),
+        (C.PipelineConfig, "cots.data.name=' '", "cots.data.name must not be empty"),
+        (C.TrainConfig, "model=", "train.model must not be empty"),
+        (C.EvalConfig, "output_dir=", "evaluate.output_dir: must not be empty"),
+        (C.PruneConfig, "scorer_model=", "prune.scorer_model must not be empty"),
+    ],
+)
+def test_a_blank_name_path_or_stage_list_is_refused_naming_file_and_key(kind, override, message):
+    path = ROOT / "configs" / "quickstart.yaml"
+    with pytest.raises(C.ConfigError) as e:
+        C.load_config(kind, path, [override])
+    assert str(e.value).startswith(f"{path}: ") and message in str(e.value)
+    # an optional path stays blank-able: `evaluate.adapter=` evaluates the base model
+    assert C.load_config(C.PipelineConfig, path, ["evaluate.adapter="]).evaluate.adapter == ""
+
+
 def test_kind_mismatch(tmp_path):
     p = tmp_path / "t.yaml"
     p.write_text("kind: train\n")

@@ -73,7 +73,10 @@ _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def check_local_dir(value: Any, where: str) -> None:
-    """``run_dir`` / ``output_dir`` must be a local (or mounted shared) path for now."""
+    """``run_dir`` / ``output_dir`` must be a local (or mounted shared) path for now, and not blank
+    (a blank one would be the working directory, or with ``run_dir`` the filesystem root)."""
+    if isinstance(value, str) and not value.strip():
+        raise ConfigError(f"{where}: must not be empty (give a directory)")
     if isinstance(value, str) and _URI.match(value):
         raise ConfigError(
             f"{where}: {value!r} is a URI; object storage is not supported for stage outputs yet: "
@@ -595,6 +598,11 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         self.tracking = _tracking(self.tracking, "tracking")
+        for key in ("name", "run_dir", "model"):  # an empty run_dir would put the stages at the filesystem root
+            if not str(getattr(self, key)).strip():
+                raise ConfigError(f"pipeline.{key} must not be empty")
+        if not self.stages:
+            raise ConfigError(f"pipeline.stages must not be empty (valid: {list(STAGES)})")
         bad = [s for s in self.stages if s not in STAGES]
         if bad:
             raise ConfigError(f"pipeline.stages: unknown stage(s) {bad} (valid: {list(STAGES)})")
@@ -715,6 +723,8 @@ def _build(cls: type, data: dict, prefix: str, origin: str) -> Any:
             if f.name in ("run_dir", "output_dir"):
                 check_local_dir(data[f.name], f"{origin}: {dotted}")
             kwargs[f.name] = _coerce(data[f.name], hints[f.name], dotted, origin)
+            if hints[f.name] is str and not str(kwargs[f.name] or "").strip():  # a model, a dataset name, …
+                raise ConfigError(f"{origin}: {dotted} must not be empty")
     try:
         return cls(**kwargs)
     except ConfigError as e:
@@ -785,14 +795,20 @@ def read_yaml(path: str | os.PathLike) -> dict:
 
 
 def load_config(
-    cls: type, path: str | os.PathLike | None = None, overrides: typing.Iterable[str] = (), data: dict | None = None
+    cls: type,
+    path: str | os.PathLike | None = None,
+    overrides: typing.Iterable[str] = (),
+    data: dict | None = None,
+    *,
+    origin: str | None = None,
 ) -> Any:
     """Build ``cls`` from defaults, then the YAML at ``path`` (or ``data``), then overrides.
+    Errors name ``origin`` (default: the path, or ``<dict>``).
 
     A ``kind:`` key in the file must match ``cls``; a pipeline YAML passed to a stage
     loader yields that stage's section with the pipeline's model filled in.
     """
-    origin = _origin_name(path)
+    origin = origin or _origin_name(path)
     raw = read_yaml(path) if path is not None else dict(data or {})
     kind = raw.pop("kind", None)
     want = next((k for k, v in KINDS.items() if v is cls), None)
@@ -803,6 +819,7 @@ def load_config(
             PipelineConfig,
             data=dict(raw, kind="pipeline"),
             overrides=[o if o.startswith(want + ".") else f"{want}.{o}" for o in overrides],
+            origin=origin,
         )
         return stage_config(pipe, want)
     if kind is not None and want is not None and kind != want:
