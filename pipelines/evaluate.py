@@ -127,6 +127,11 @@ def validate(cfg: EvalConfig) -> None:
             raise EvalInputError(str(e)) from None
     if cfg.adapter:
         check_adapter(cfg.adapter)
+        from tokenskip.memory import adapter_mismatch
+
+        wrong_base = adapter_mismatch(cfg.adapter, cfg.model)
+        if wrong_base:  # it would fail at the merge, after the base model's conditions ran
+            raise EvalInputError(f"eval.adapter: {wrong_base}")
     if not cfg.datasets:
         raise EvalInputError("eval.datasets must not be empty")
     for name in cfg.datasets:

@@ -170,17 +170,25 @@ def adapter_exists(src: str) -> bool:
         return False
 
 
-def missing_adapter_warnings(cfg: Any) -> list[str]:
-    """One line per configured local adapter that is not there (yet), for the start of the app: the
-    app still starts (an adapter may finish training later, and is looked up per request), but a
-    request for it gets 404 ``adapter_not_found`` until it is there. Object-store adapters are not
-    checked here (they are fetched on first use)."""
-    return [
-        f"adapter {a.name!r}: nothing at {a.path} yet (no adapter_config.json); requests for "
-        f"'{cfg.model_id}:{a.name}' get 404 adapter_not_found until it is there"
-        for a in cfg.adapters
-        if not is_uri(a.path) and not adapter_exists(a.path)
-    ]
+def adapter_start_warnings(cfg: Any) -> list[str]:
+    """One line per configured local adapter that is not there (yet), or that was trained on another
+    base model (:func:`tokenskip.memory.adapter_mismatch`), for the start of the app. The app still
+    starts (an adapter may finish training later, and each request looks it up), but a request for
+    such an adapter fails until it is fixed. Object-store adapters are fetched on first use, not here."""
+    from tokenskip.memory import adapter_mismatch
+
+    out = []
+    for a in cfg.adapters:
+        if is_uri(a.path):
+            continue
+        if not adapter_exists(a.path):
+            out.append(
+                f"adapter {a.name!r}: nothing at {a.path} yet (no adapter_config.json); requests for "
+                f"'{cfg.model_id}:{a.name}' get 404 adapter_not_found until it is there"
+            )
+        elif wrong := adapter_mismatch(a.path, cfg.model):
+            out.append(f"adapter {a.name!r}: {wrong}; requests for '{cfg.model_id}:{a.name}' will fail")
+    return out
 
 
 def read_adapter_card(adapter_id: str, local_dir: str) -> tscard.AdapterCard | None:

@@ -50,7 +50,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from serving import protocol
-from serving.adapters import AdapterResolver, adapter_exists, check_efforts, missing_adapter_warnings
+from serving.adapters import AdapterResolver, adapter_exists, adapter_start_warnings, check_efforts
 from serving.config import ServeAppConfig
 from serving.model import LoadedAdapter, TokenSkipModelImpl
 from serving.protocol import parse_request  # noqa: F401  (the request validator; re-exported)
@@ -152,7 +152,7 @@ class OpenAIIngress:
         warning = open_endpoint_warning(_http_host(), keys is not None)
         if warning:
             log.warning(warning)
-        for line in missing_adapter_warnings(self.cfg):  # `serve deploy` / `serve run` say it in the log
+        for line in adapter_start_warnings(self.cfg):  # `serve deploy` / `serve run` say it in the log
             log.warning(line)
         self.resolver = AdapterResolver(self.cfg)
         self._exists: collections.OrderedDict[str, tuple[bool, float]] = collections.OrderedDict()

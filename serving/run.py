@@ -46,7 +46,7 @@ def check_apps(conf: dict, host: str) -> list[str]:
     """Refuse what must not start, before Ray does: a tokenskip app whose configured API-key
     source yields no keys (``ConfigError`` naming the variable). Returns the warnings to print
     (an endpoint beyond loopback without keys, a configured local adapter that is not there)."""
-    from serving.adapters import missing_adapter_warnings
+    from serving.adapters import adapter_start_warnings
     from serving.app import build_app, open_endpoint_warning
     from serving.config import ServeAppConfig
 
@@ -62,7 +62,7 @@ def check_apps(conf: dict, host: str) -> list[str]:
         warning = open_endpoint_warning(host, keys is not None)
         if warning:
             warnings.append(warning)
-        warnings += missing_adapter_warnings(cfg)
+        warnings += adapter_start_warnings(cfg)
     return warnings
 
 

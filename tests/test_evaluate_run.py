@@ -39,6 +39,22 @@ def test_missing_adapter_fails_before_model_load(no_engine, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_adapter_of_another_base_model_fails_before_any_engine(no_engine, tmp_path, tiny_adapters, tiny_llama):
+    """It used to run the base model's conditions, then fail at the merge with a RuntimeError (exit 1)."""
+    adapter, _ = tiny_adapters  # trained on the tiny Llama (hidden 128, 2 layers)
+    cfg = EvalConfig(model="smollm2-135m-instruct", adapter=adapter, output_dir=str(tmp_path / "out"), limit=2)
+    with pytest.raises(EvalInputError, match=r"was trained on another base model: .*smollm2-135m-instruct needs"):
+        run_evaluate(cfg)
+    assert not (tmp_path / "out").exists()
+    validate(EvalConfig(model=tiny_llama, adapter=adapter, output_dir=str(tmp_path / "out")))  # its own base fits
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    (broken / "adapter_model.safetensors").write_bytes(b"\xff" * 4)
+    with pytest.raises(EvalInputError, match="not a readable safetensors file"):
+        validate(EvalConfig(model=tiny_llama, adapter=str(broken), output_dir=str(tmp_path / "out")))
+
+
 def test_non_peft_adapter_fails(no_engine, tmp_path):
     d = tmp_path / "model"
     d.mkdir()

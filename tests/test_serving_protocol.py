@@ -86,18 +86,24 @@ def test_check_api_key_fails_closed_and_compares_every_key(monkeypatch):
     assert calls == keys  # no early exit on the first match: every key is compared, in constant time
 
 
-def test_a_configured_local_adapter_that_is_not_there_is_named_at_start(tmp_path, tiny_adapters):
+def test_a_configured_adapter_that_is_not_there_or_does_not_fit_is_named_at_start(tmp_path, tiny_adapters, tiny_llama):
     """The app still starts (an adapter may be trained later; each request looks it up), but the
-    console says which configured adapter a request would get 404 for; one that is there is silent."""
+    console says which configured adapter a request would fail for: one not there yet, one trained on
+    another base model. One that is there and fits is silent."""
     from serving.run import check_apps, load_serve_config
 
-    there, _ = tiny_adapters
+    there, _ = tiny_adapters  # trained on the tiny Llama
     adapters = f"adapters=[{{name: a, path: {there}}}, {{name: later, path: {tmp_path / 'not-yet'}}}]"
-    conf = load_serve_config(str(ROOT / "serving" / "serve_config.yaml"), ["model_id=base", adapters])
+    serve_yaml = str(ROOT / "serving" / "serve_config.yaml")
+    conf = load_serve_config(serve_yaml, [f"model={tiny_llama}", "model_id=base", adapters])
     assert check_apps(conf, "127.0.0.1") == [
         f"adapter 'later': nothing at {tmp_path / 'not-yet'} yet (no adapter_config.json); requests for "
         "'base:later' get 404 adapter_not_found until it is there"
     ]
+    conf = load_serve_config(serve_yaml, ["model=smollm2-135m-instruct", "model_id=base", adapters])
+    warned = check_apps(conf, "127.0.0.1")
+    assert len(warned) == 2 and warned[0].startswith(f"adapter 'a': {there}: was trained on another base model: ")
+    assert "smollm2-135m-instruct needs" in warned[0] and warned[0].endswith("requests for 'base:a' will fail")
 
 
 def test_open_endpoint_warning_and_cli_refusal(tmp_path, monkeypatch):

@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import struct
 import sys
 from pathlib import Path
 from typing import Any
@@ -94,10 +97,10 @@ class UnknownModel(ValueError):
     """A model whose architecture numbers cannot be found (named in the message with what was tried)."""
 
 
-def arch_for(model: str) -> dict[str, Any]:
+def arch_for(model: str, local_only: bool = False) -> dict[str, Any]:
     """Architecture numbers for a model name (hub id or table key) or a local dir / config.json.
     A hub id not in the table is read from its ``config.json`` on the Hub (or the local Hub
-    cache when offline); what cannot be found raises :class:`UnknownModel`.
+    cache when offline, or with ``local_only``); what cannot be found raises :class:`UnknownModel`.
 
     >>> arch_for("Qwen/Qwen2.5-32B-Instruct")["layers"]
     64
@@ -125,7 +128,7 @@ def arch_for(model: str) -> dict[str, Any]:
     try:
         from huggingface_hub import hf_hub_download
 
-        path = hf_hub_download(model, "config.json")  # HF_HUB_OFFLINE: the local Hub cache only
+        path = hf_hub_download(model, "config.json", local_files_only=local_only)  # HF_HUB_OFFLINE: cache only
     except Exception as e:  # offline without a cached copy, no such repo, a gated repo without a token
         raise UnknownModel(
             f"unknown model {model!r}: its config.json could not be read from the Hugging Face Hub "
@@ -168,6 +171,64 @@ def _linears(a: dict) -> list[tuple[int, int]]:
     """(in, out) of each linear projection in one decoder layer."""
     h, q, kv, i = a["hidden"], a["heads"] * a["head_dim"], a["kv_heads"] * a["head_dim"], a["intermediate"]
     return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+
+
+_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def safetensors_shapes(path: str | os.PathLike) -> dict[str, list[int]]:
+    """Tensor name -> shape from a .safetensors file's header (no tensor is read)."""
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+
+
+def adapter_mismatch(adapter_dir: str | os.PathLike, model: str) -> str | None:
+    """Why a LoRA adapter cannot apply to ``model`` (a LoRA matrix whose shape or layer the model does
+    not have: it was trained on another base), or None when it fits or the model's sizes are not at
+    hand (a hub id in neither the built-in table nor the local Hub cache). Reads only the adapter's
+    safetensors header and the model's config, so it runs before any engine does.
+
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp())
+    >>> key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    >>> hdr = json.dumps({key: {"dtype": "F32", "shape": [8, 128], "data_offsets": [0, 4096]}}).encode()
+    >>> _ = (d / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(hdr)) + hdr + bytes(4096))
+    >>> msg = adapter_mismatch(d, "Qwen/Qwen2.5-7B-Instruct")
+    >>> msg[msg.index("has shape") : msg.index(" (hidden")]
+    'has shape [8, 128]; Qwen/Qwen2.5-7B-Instruct needs input size 3584'
+    """
+    weights = Path(adapter_dir) / "adapter_model.safetensors"
+    if not weights.is_file():
+        return None
+    try:
+        a = arch_for(model, local_only=True)  # no network call: a check before the engine, not a download
+    except UnknownModel:
+        return None
+    sizes = dict(zip(_PROJ, _linears(a)))
+    try:
+        shapes = safetensors_shapes(weights)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as e:
+        return f"{weights}: not a readable safetensors file ({type(e).__name__}: {e})"
+    for key, shape in shapes.items():
+        m = re.search(r"layers\.(\d+)\..*?(\w+_proj)\.lora_([AB])\b", key)
+        if not m or m.group(2) not in sizes or len(shape) != 2:
+            continue
+        layer, (fan_in, fan_out) = int(m.group(1)), sizes[m.group(2)]
+        if m.group(3) == "A":
+            bad = f"input size {fan_in}" if shape[1] != fan_in else None
+        else:
+            bad = f"output size {fan_out}" if shape[0] != fan_out else None
+        if layer >= a["layers"]:
+            bad = f"at most {a['layers']} layers"
+        if bad:
+            return (
+                f"{adapter_dir}: was trained on another base model: {key} has shape {list(shape)}; {model} needs "
+                f"{bad} (hidden {a['hidden']}, {a['layers']} layers). Use it with the model it was trained on "
+                "(its adapter_config.json's base_model_name_or_path)"
+            )
+    return None
 
 
 def count_params(a: dict) -> int:
