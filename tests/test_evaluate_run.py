@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import struct
 from pathlib import Path
 
 import pytest
@@ -296,10 +297,13 @@ def test_runs_inside_a_ray_task(tiny_llama, ray_local, tmp_path):
 # --------------------------------------------------------------------------- no deleting what is not ours (#15.7), fast
 
 
+_NO_TENSORS = struct.pack("<Q", 8) + b"{}      "  # a safetensors file whose header lists no tensor
+
+
 def _fake_adapter(d: Path) -> Path:
     d.mkdir(parents=True)
     (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
-    (d / "adapter_model.safetensors").write_bytes(b"weights")
+    (d / "adapter_model.safetensors").write_bytes(_NO_TENSORS)
     return d
 
 
@@ -311,7 +315,7 @@ def test_output_dir_holding_the_adapter_is_never_wiped(no_engine, tmp_path, forc
     cfg = EvalConfig(adapter=str(adapter), output_dir=str(run), limit=2)
     with pytest.raises(artifacts.StageError, match="refusing to delete|not a evaluate directory"):
         run_evaluate(cfg, force=force)
-    assert (adapter / "adapter_model.safetensors").read_bytes() == b"weights" and (run / "summary.json").is_file()
+    assert (adapter / "adapter_model.safetensors").read_bytes() == _NO_TENSORS and (run / "summary.json").is_file()
 
 
 def test_output_dir_dot_is_refused(no_engine, tmp_path, monkeypatch):
