@@ -192,22 +192,25 @@ def read_input(cfg: PruneConfig) -> tuple[list[dict], list[dict], str]:
     jsonl = path.suffix == ".jsonl"
     good, bad, seen = [], [], set()
     for line, r, err in entries:
-        where, parsed = (f"{path}:{line}" if jsonl else f"{path}: row {line}"), err is None
+        parsed = err is None
         rid = r.get(cfg.id_field) if isinstance(r, dict) else None
-        if err is None and not isinstance(r, dict):
-            err = f"not a JSON object (got {type(r).__name__})"
-        elif err is None and (rid is None or str(rid) == ""):
-            err = f"missing {cfg.id_field!r}"
-        elif err is None and str(rid) in seen:
-            err = f"duplicate id {rid!r}"
-        elif err is None and not isinstance(r.get(cfg.text_field), str):
-            err = f"field {cfg.text_field!r} must be a string, got {type(r.get(cfg.text_field)).__name__}"
-        if err is not None:
-            rid = None if rid is None or str(rid) == "" else str(rid)
-            bad.append({"id": rid, "line": line, "reason": f"{where}: {err}", "row": reject_row(r, parsed)})
-            continue
-        seen.add(str(rid))
-        good.append({cfg.id_field: str(rid), cfg.text_field: r[cfg.text_field]})
+        rid = None if rid is None or str(rid) == "" else str(rid)
+        if parsed:
+            text = r.get(cfg.text_field) if isinstance(r, dict) else None
+            if not isinstance(r, dict):
+                err = f"not a JSON object (got {type(r).__name__})"
+            elif rid is None:
+                err = f"missing {cfg.id_field!r}"
+            elif rid in seen:
+                err = f"duplicate id {r[cfg.id_field]!r}"
+            elif not isinstance(text, str):
+                err = f"field {cfg.text_field!r} must be a string, got {type(text).__name__}"
+            else:
+                seen.add(rid)
+                good.append({cfg.id_field: rid, cfg.text_field: text})
+                continue
+        where = f"{path}:{line}" if jsonl else f"{path}: row {line}"
+        bad.append({"id": rid, "line": line, "reason": f"{where}: {err}", "row": reject_row(r, parsed)})
     return good, bad, str(path)
 
 

@@ -598,10 +598,7 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         self.tracking = _tracking(self.tracking, "tracking")
-        for key in ("name", "run_dir", "model"):  # an empty run_dir would put the stages at the filesystem root
-            if not str(getattr(self, key)).strip():
-                raise ConfigError(f"pipeline.{key} must not be empty")
-        if not self.stages:
+        if not self.stages:  # (a blank name, run_dir or model is refused by _build, as in every section)
             raise ConfigError(f"pipeline.stages must not be empty (valid: {list(STAGES)})")
         bad = [s for s in self.stages if s not in STAGES]
         if bad:

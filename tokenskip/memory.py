@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import re
-import struct
 import sys
 from pathlib import Path
 from typing import Any
@@ -176,25 +175,17 @@ def _linears(a: dict) -> list[tuple[int, int]]:
 _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def safetensors_shapes(path: str | os.PathLike) -> dict[str, list[int]]:
-    """Tensor name -> shape from a .safetensors file's header (no tensor is read)."""
-    with open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(n))
-    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
-
-
 def adapter_mismatch(adapter_dir: str | os.PathLike, model: str) -> str | None:
     """Why a LoRA adapter cannot apply to ``model`` (a LoRA matrix whose shape or layer the model does
     not have: it was trained on another base), or None when it fits or the model's sizes are not at
     hand (a hub id in neither the built-in table nor the local Hub cache). Reads only the adapter's
     safetensors header and the model's config, so it runs before any engine does.
 
-    >>> import tempfile
+    >>> import tempfile, numpy as np
+    >>> from safetensors.numpy import save_file
     >>> d = Path(tempfile.mkdtemp())
     >>> key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
-    >>> hdr = json.dumps({key: {"dtype": "F32", "shape": [8, 128], "data_offsets": [0, 4096]}}).encode()
-    >>> _ = (d / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(hdr)) + hdr + bytes(4096))
+    >>> save_file({key: np.zeros((8, 128), np.float32)}, str(d / "adapter_model.safetensors"))
     >>> msg = adapter_mismatch(d, "Qwen/Qwen2.5-7B-Instruct")
     >>> msg[msg.index("has shape") : msg.index(" (hidden")]
     'has shape [8, 128]; Qwen/Qwen2.5-7B-Instruct needs input size 3584'
@@ -206,10 +197,13 @@ def adapter_mismatch(adapter_dir: str | os.PathLike, model: str) -> str | None:
         a = arch_for(model, local_only=True)  # no network call: a check before the engine, not a download
     except UnknownModel:
         return None
+    from safetensors import SafetensorError, safe_open
+
     sizes = dict(zip(_PROJ, _linears(a)))
     try:
-        shapes = safetensors_shapes(weights)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as e:
+        with safe_open(str(weights), "numpy") as fh:  # the header only: no tensor is read
+            shapes = {k: fh.get_slice(k).get_shape() for k in fh.keys()}
+    except (OSError, SafetensorError) as e:
         return f"{weights}: not a readable safetensors file ({type(e).__name__}: {e})"
     for key, shape in shapes.items():
         m = re.search(r"layers\.(\d+)\..*?(\w+_proj)\.lora_([AB])\b", key)
